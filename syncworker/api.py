@@ -1,0 +1,88 @@
+"""trigger_sync: request runs from Python, the equivalent of syncworker.trigger().
+
+The request joins the caller's transaction: on an autocommit connection it is
+durable when the call returns; otherwise it commits (or rolls back) with the
+caller's own work, like an outbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+
+class TriggerError(ValueError):
+    """The database refused the trigger: unknown job or scope, disabled job."""
+
+
+def _query(schema: str) -> sql.Composed:
+    return sql.SQL(
+        "SELECT run_id FROM {}.trigger(%s, %s, %s, coalesce(%s, current_user), %s)"
+    ).format(sql.Identifier(schema))
+
+
+def _scopes(scope: str | None, scopes: Sequence[str] | None) -> list[str | None]:
+    if scope is not None and scopes is not None:
+        raise TypeError("give scope or scopes, not both")
+    if scopes is not None:
+        return list(dict.fromkeys(scopes))
+    return [scope]
+
+
+async def trigger_sync(
+    conn: psycopg.AsyncConnection[Any],
+    job: str,
+    scope: str | None = None,
+    *,
+    scopes: Sequence[str] | None = None,
+    source: str = "python",
+    triggered_by: str | None = None,
+    payload: Mapping[str, Any] | None = None,
+    schema: str = "syncworker",
+) -> list[int]:
+    """Request runs of `job` (every scope when none is given); returns run ids."""
+    ids: list[int] = []
+    query = _query(schema)
+    try:
+        for one in _scopes(scope, scopes):
+            cur = await conn.execute(
+                query, (job, one, source, triggered_by, Jsonb(dict(payload or {})))
+            )
+            ids.extend(int(row[0]) for row in await cur.fetchall())
+    except psycopg.errors.InvalidParameterValue as exc:
+        raise TriggerError(_message(exc)) from None
+    return ids
+
+
+def trigger_sync_blocking(
+    conn: psycopg.Connection[Any],
+    job: str,
+    scope: str | None = None,
+    *,
+    scopes: Sequence[str] | None = None,
+    source: str = "python",
+    triggered_by: str | None = None,
+    payload: Mapping[str, Any] | None = None,
+    schema: str = "syncworker",
+) -> list[int]:
+    """The same as trigger_sync, on a blocking psycopg connection."""
+    ids: list[int] = []
+    query = _query(schema)
+    try:
+        for one in _scopes(scope, scopes):
+            cur = conn.execute(query, (job, one, source, triggered_by, Jsonb(dict(payload or {}))))
+            ids.extend(int(row[0]) for row in cur.fetchall())
+    except psycopg.errors.InvalidParameterValue as exc:
+        raise TriggerError(_message(exc)) from None
+    return ids
+
+
+def _message(exc: psycopg.Error) -> str:
+    text = (exc.diag.message_primary or str(exc)).removeprefix("syncworker: ")
+    if exc.diag.message_hint:
+        text += f" ({exc.diag.message_hint})"
+    return text

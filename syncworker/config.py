@@ -1,0 +1,303 @@
+"""The configuration: a TOML file, `SYNCWORKER_<KEY>` overrides, validated.
+
+Every error becomes one ConfigError naming the file (or environment
+variable), the key and the reason; the CLI turns it into exit code 78.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+from syncworker.schedule import ScheduleError, load_zone, validate_expression
+
+ENV_PREFIX = "SYNCWORKER_"
+DEFAULT_PATH = Path("syncworker.toml")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_JOB_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
+_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+_STEP_TAGS = ("callable", "command", "sql")
+
+
+class ConfigError(Exception):
+    """A configuration problem: where it is, which key, and why."""
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
+        self.source = source
+        self.key = key
+        self.reason = reason
+
+
+class CommandStep(BaseModel):
+    """A subprocess; `{scope}`, `{job}` and `{run_id}` are replaced in its arguments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    command: list[str] = Field(min_length=1)
+
+
+class SqlStep(BaseModel):
+    """SQL run in one transaction with %(scope)s, %(job)s, %(run_id)s, %(payload)s."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sql: str = Field(min_length=1)
+
+
+def _step_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "callable"
+    if isinstance(value, CommandStep) or (isinstance(value, dict) and "command" in value):
+        return "command"
+    if isinstance(value, SqlStep) or (isinstance(value, dict) and "sql" in value):
+        return "sql"
+    return None
+
+
+StepSpec = Annotated[
+    Annotated[str, Tag("callable")]
+    | Annotated[CommandStep, Tag("command")]
+    | Annotated[SqlStep, Tag("sql")],
+    Discriminator(
+        _step_kind,
+        custom_error_type="step_kind",
+        custom_error_message=(
+            "a step must be 'module:function', {command = [...]} or {sql = \"...\"}"
+        ),
+    ),
+]
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schedule: tuple[str, ...] = ()
+    timezone: str = "UTC"
+    scopes: tuple[str, ...] | None = None
+    scopes_sql: str | None = None
+    steps: tuple[StepSpec, ...] = Field(min_length=1)
+    timeout: float = Field(default=3600, gt=0)
+    retries: int = Field(default=0, ge=0, le=100)
+    retry_backoff: float = Field(default=5, ge=0)
+    on_overlap: Literal["queue", "skip"] = "queue"
+    misfire: Literal["run_once", "skip"] = "run_once"
+    enabled: bool = True
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            return tuple(validate_expression(e) for e in value)
+        except ScheduleError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_zone(cls, value: str) -> str:
+        try:
+            load_zone(value)
+        except ScheduleError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _valid_scopes(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must list at least one scope (or be left out)")
+        for scope in value:
+            if not scope or len(scope) > 200:
+                raise ValueError(f"scope {scope!r} must be 1 to 200 characters")
+        if len(set(value)) != len(value):
+            raise ValueError("scopes must be unique")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _valid_callables(cls, value: tuple[StepSpec, ...]) -> tuple[StepSpec, ...]:
+        for step in value:
+            if isinstance(step, str) and not _CALLABLE.match(step):
+                raise ValueError(f"step {step!r} must look like 'package.module:function'")
+        return value
+
+    @model_validator(mode="after")
+    def _scopes_or_sql(self) -> JobConfig:
+        if self.scopes is not None and self.scopes_sql is not None:
+            raise ValueError("give either 'scopes' or 'scopes_sql', not both")
+        return self
+
+    @property
+    def zone(self) -> Any:
+        return load_zone(self.timezone)
+
+
+with warnings.catch_warnings():
+    # `schema` is the documented key; pydantic warns that it shadows the
+    # deprecated BaseModel.schema() classmethod, which we never call.
+    warnings.simplefilter("ignore", UserWarning)
+
+    class _SchemaField(BaseSettings):
+        schema: str = "syncworker"  # type: ignore[assignment]
+
+
+class Settings(_SchemaField):
+    """The whole configuration, after the file and the environment are merged."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    database_url: str = ""
+    channel: str = "sync_trigger"
+    events_channel: str = "sync_events"
+    concurrency: int = Field(default=1, ge=1, le=1000)
+    drain_timeout: float = Field(default=300, ge=0)
+    heartbeat_interval: float = Field(default=10, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    jobs: dict[str, JobConfig] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's content arrives as init kwargs; the environment wins over it.
+        return (env_settings, init_settings)
+
+    @field_validator("channel", "events_channel", "schema")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not _IDENT.match(value):
+            raise ValueError(
+                f"{value!r} must be a letter or underscore followed by up to 62 "
+                "letters, digits or underscores"
+            )
+        return value
+
+    @field_validator("jobs")
+    @classmethod
+    def _job_names(cls, value: dict[str, JobConfig]) -> dict[str, JobConfig]:
+        for name in value:
+            if not _JOB_NAME.match(name):
+                raise ValueError(
+                    f"job name {name!r} must be 1 to 128 letters, digits or _ . : - "
+                    "(not starting with a punctuation mark)"
+                )
+        return value
+
+
+def config_path(explicit: str | Path | None, environ: Mapping[str, str] | None = None) -> Path:
+    """--config PATH, else $SYNCWORKER_CONFIG, else ./syncworker.toml."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return Path(explicit)
+    if env.get(f"{ENV_PREFIX}CONFIG"):
+        return Path(env[f"{ENV_PREFIX}CONFIG"])
+    return DEFAULT_PATH
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    required: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read, merge and validate the configuration, or raise ConfigError.
+
+    `required=False` lets commands that only need the database (status,
+    trigger) run without a file when the environment says enough.
+    """
+    file = config_path(path)
+    data: dict[str, Any] = {}
+    if file.exists():
+        try:
+            with file.open("rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(file), "", f"invalid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(str(file), "", f"cannot read: {exc.strerror}") from None
+    elif required or path is not None:
+        raise ConfigError(
+            str(file), "", "file not found (pass --config, set SYNCWORKER_CONFIG or create it)"
+        )
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate_config(data, str(file))
+
+
+def validate_config(data: Mapping[str, Any], source: str = "<config>") -> Settings:
+    """Validate already-parsed settings (and the environment) into Settings."""
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise _first_error(exc, data, source) from None
+    except SettingsError as exc:
+        # pydantic-settings raises this for an env value it cannot decode as JSON.
+        raise ConfigError("environment", "", str(exc)) from None
+    if not settings.database_url and "database_url" not in data:
+        fallback = os.environ.get("DATABASE_URL", "")
+        if fallback:
+            settings = settings.model_copy(update={"database_url": fallback})
+    return settings
+
+
+def _first_error(exc: ValidationError, data: Mapping[str, Any], source: str) -> ConfigError:
+    err = exc.errors(include_url=False)[0]
+    loc = [str(part) for part in err["loc"]]
+    # The step union adds its tag after the step's index; the user only
+    # knows the index.
+    loc = [
+        p
+        for i, p in enumerate(loc)
+        if not (i >= 2 and loc[i - 2] == "steps" and loc[i - 1].isdigit() and p in _STEP_TAGS)
+    ]
+    key = _dotted(loc)
+    top = loc[0] if loc else ""
+    env_name = f"{ENV_PREFIX}{top.upper()}"
+    where = env_name if top and env_name in os.environ and top not in data else source
+    if err["type"] == "extra_forbidden":
+        return ConfigError(where, key, "unknown key")
+    if err["type"] == "missing":
+        return ConfigError(where, key, "required key is missing")
+    message = str(err["msg"]).removeprefix("Value error, ")
+    shown = err.get("input")
+    if err["type"] not in ("value_error",) and isinstance(shown, str | int | float | bool):
+        message = f"{message} (got {json.dumps(shown)})"
+    return ConfigError(where, key, message)
+
+
+def _dotted(loc: list[str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out

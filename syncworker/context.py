@@ -1,0 +1,76 @@
+"""SyncContext: everything a step sees of its run."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from structlog.typing import FilteringBoundLogger
+
+from syncworker.counters import COUNTERS, Counters
+
+ConnectionFactory = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
+
+
+@dataclass
+class SyncContext:
+    """Handed to every step. Counters add up into the run's row.
+
+    `stopping` is set when the worker starts draining: a long step should
+    check it at safe points and return early; the run is then requeued.
+    """
+
+    run_id: int
+    job: str
+    scope: str | None
+    source: str
+    triggered_by: str | None
+    payload: dict[str, Any]
+    attempt: int
+    log: FilteringBoundLogger
+    stopping: asyncio.Event
+    _connect: ConnectionFactory
+    _run_counters: Counters
+    _step_counters: Counters = field(default_factory=Counters)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, **amounts: int) -> None:
+        """Add to the run's counters: processed, inserted, updated, deleted, errored.
+
+        inserted/updated/deleted also count as processed unless `processed`
+        is given explicitly.
+        """
+        unknown = set(amounts) - set(COUNTERS)
+        if unknown:
+            raise ValueError(f"unknown counter(s) {sorted(unknown)}; use {', '.join(COUNTERS)}")
+        if "processed" not in amounts:
+            amounts = {
+                **amounts,
+                "processed": sum(amounts.get(k, 0) for k in ("inserted", "updated", "deleted")),
+            }
+        with self._lock:  # plain functions call this from a worker thread
+            for counters in (self._run_counters, self._step_counters):
+                for key, value in amounts.items():
+                    setattr(counters, key, getattr(counters, key) + int(value))
+
+    def total(self, expected: int) -> None:
+        """The number of records this run expects to handle, for progress."""
+        with self._lock:
+            self._run_counters.total = int(expected)
+            self._step_counters.total = int(expected)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection to the application database, returned when the block ends."""
+        async with self._connect() as conn:
+            yield conn
+
+    def snapshot(self) -> tuple[Counters, Counters]:
+        """Copies of (run, step) counters, taken under the lock."""
+        with self._lock:
+            return (Counters(**vars(self._run_counters)), Counters(**vars(self._step_counters)))

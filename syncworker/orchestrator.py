@@ -1,0 +1,224 @@
+"""Run one claimed run: its steps in order, retries with backoff, a timeout
+per attempt, counters, and a recorded outcome.
+
+Outcomes are written through fenced store calls: if this worker lost the run
+(orphan recovery gave it to another), nothing it writes afterwards counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+from structlog.typing import FilteringBoundLogger
+
+from syncworker.config import JobConfig
+from syncworker.context import SyncContext
+from syncworker.counters import Counters
+from syncworker.steps import Step, StepFailed
+from syncworker.store import ClaimedRun, Store
+
+T = TypeVar("T")
+Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
+
+# How long the final writes of a run keep retrying through a database outage
+# before giving up; orphan recovery settles whatever is left.
+_PERSIST_FOR = 60.0
+_ERROR_LIMIT = 4000
+
+
+class _Interrupted(Exception):
+    """The worker is draining: stop at this step boundary and requeue."""
+
+
+@dataclass(frozen=True)
+class RunEnv:
+    store: Store
+    connect: Connect
+    log: FilteringBoundLogger
+    stopping: asyncio.Event
+
+
+async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], env: RunEnv) -> str:
+    """Run to an outcome; returns the run's final status as written.
+
+    Cancellation (drain timeout, second signal) requeues the run and re-raises.
+    """
+    log = env.log.bind(run_id=run.id, job=run.job, scope=run.scope)
+    log.info("run_started", attempt=run.attempt, source=run.source, triggered_by=run.triggered_by)
+    loop = asyncio.get_running_loop()
+    while True:
+        counters = Counters()
+        started = loop.time()
+        try:
+            await _attempt(run, job, steps, env, log, counters)
+        except _Interrupted:
+            return await _requeue(run, env, log, "interrupted by shutdown")
+        except asyncio.CancelledError:
+            await _requeue(run, env, log, "cancelled by shutdown")
+            raise
+        except Exception as exc:
+            error = _describe(exc, job)
+            log.warning(
+                "attempt_failed",
+                attempt=run.attempt,
+                error=error,
+                exc_info=not isinstance(exc, StepFailed | TimeoutError),
+            )
+        else:
+            await _finish(run, env, log, "succeeded", counters, None, loop.time() - started)
+            return "succeeded"
+
+        if run.attempt >= run.max_attempts or env.stopping.is_set():
+            if env.stopping.is_set() and run.attempt < run.max_attempts:
+                return await _requeue(run, env, log, f"interrupted by shutdown after: {error}")
+            await _finish(run, env, log, "failed", counters, error, loop.time() - started)
+            return "failed"
+
+        delay = job.retry_backoff * 2 ** (run.attempt - 1)
+        log.info("run_retrying", attempt=run.attempt, next_attempt=run.attempt + 1, delay=delay)
+        try:
+            await asyncio.wait_for(env.stopping.wait(), timeout=delay)
+        except TimeoutError:
+            pass
+        else:
+            return await _requeue(run, env, log, f"interrupted by shutdown after: {error}")
+        if not await _persist(log, functools.partial(env.store.next_attempt, run=run), env):
+            log.warning("run_lost", reason="another worker took the run over")
+            return "lost"
+        run = dataclasses.replace(run, attempt=run.attempt + 1)
+
+
+async def _attempt(
+    run: ClaimedRun,
+    job: JobConfig,
+    steps: Sequence[Step],
+    env: RunEnv,
+    log: FilteringBoundLogger,
+    counters: Counters,
+) -> None:
+    async with asyncio.timeout(job.timeout):
+        for position, step in enumerate(steps):
+            if env.stopping.is_set():
+                raise _Interrupted
+            ctx = SyncContext(
+                run_id=run.id,
+                job=run.job,
+                scope=run.scope,
+                source=run.source,
+                triggered_by=run.triggered_by,
+                payload=run.payload,
+                attempt=run.attempt,
+                log=log.bind(step=step.name),
+                stopping=env.stopping,
+                _connect=env.connect,
+                _run_counters=counters,
+            )
+            async with env.connect() as conn:
+                step_id = await env.store.step_started(conn, run, position, step.name)
+                await env.store.progress(conn, run, counters, step.name)
+            log.debug("step_started", step=step.name, position=position)
+            status, error = "succeeded", None
+            try:
+                await step.run(ctx)
+            except asyncio.CancelledError:
+                status, error = "cancelled", "cancelled"
+                raise
+            except BaseException as exc:
+                status, error = "failed", _describe(exc, job)
+                raise
+            finally:
+                _, step_counters = ctx.snapshot()
+                write = functools.partial(
+                    env.store.step_finished,
+                    step_id=step_id,
+                    status=status,
+                    counters=step_counters,
+                    error=error,
+                )
+                await _persist(log, write, env)
+            log.info("step_finished", step=step.name, position=position, **_show(step_counters))
+            # A step that returned while a drain was requested may have stopped
+            # early at a safe point; its run is redone rather than called done.
+            if env.stopping.is_set():
+                raise _Interrupted
+
+
+async def _finish(
+    run: ClaimedRun,
+    env: RunEnv,
+    log: FilteringBoundLogger,
+    status: str,
+    counters: Counters,
+    error: str | None,
+    seconds: float,
+) -> None:
+    owned = await _persist(log, lambda c: env.store.finish(c, run, status, counters, error), env)
+    if not owned:
+        log.warning("run_lost", reason="another worker took the run over", outcome=status)
+        return
+    fields: dict[str, Any] = {"duration_ms": round(seconds * 1000), **_show(counters)}
+    if error is not None:
+        fields["error"] = error
+    (log.info if status == "succeeded" else log.error)(
+        f"run_{status}", attempt=run.attempt, **fields
+    )
+
+
+async def _requeue(run: ClaimedRun, env: RunEnv, log: FilteringBoundLogger, reason: str) -> str:
+    # Shielded and bounded: a second signal must not leave the run `running`,
+    # and a dead database must not hold the exit (orphan recovery covers it).
+    async def write() -> str | None:
+        return await _persist(log, lambda c: env.store.requeue(c, run, reason), env, limit=10.0)
+
+    task = asyncio.ensure_future(write())
+    try:
+        status = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        status = await task
+        raise
+    finally:
+        log.info("run_cancelled", reason=reason, status=status or "lost")
+    return status or "lost"
+
+
+async def _persist(
+    log: FilteringBoundLogger,
+    op: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]],
+    env: RunEnv,
+    limit: float = _PERSIST_FOR,
+) -> T | None:
+    """Run one store write, retrying through a lost connection for a while."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    delay = 0.1
+    while True:
+        try:
+            async with env.connect() as conn:
+                return await op(conn)
+        except psycopg.OperationalError as exc:
+            if loop.time() + delay > deadline:
+                log.error("run_write_failed", error=str(exc))
+                return None
+            await asyncio.sleep(delay)  # backoff between reconnect attempts
+            delay = min(delay * 2, 5.0)
+
+
+def _describe(exc: BaseException, job: JobConfig) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        text = f"timed out after {job.timeout:g} s"
+    elif isinstance(exc, StepFailed):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text[:_ERROR_LIMIT]
+
+
+def _show(counters: Counters) -> dict[str, int]:
+    return {k: v for k, v in counters.as_params().items() if v}

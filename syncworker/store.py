@@ -1,0 +1,675 @@
+"""Every SQL statement of syncworker, in one place.
+
+The per-key guarantees live in the schema (sql/*.sql: partial unique
+indexes, the trigger() function); this module is the only Python code that
+talks to those tables. Writes that conclude a run are fenced: they apply
+only while the run is still `running` under this worker and attempt, so a
+worker that lost its run to orphan recovery cannot overwrite the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from syncworker.config import JobConfig
+from syncworker.counters import Counters
+
+RUN_COLUMNS = (
+    "id, job, scope, status, source, triggered_by, payload, scheduled_for, requested_at, "
+    "started_at, finished_at, duration_ms, attempt, max_attempts, triggers, worker_id, "
+    "current_step, records_total, records_processed, records_inserted, records_updated, "
+    "records_deleted, records_errored, error"
+)
+
+
+@dataclass(frozen=True)
+class ClaimedRun:
+    id: int
+    job: str
+    scope: str | None
+    source: str
+    triggered_by: str | None
+    payload: dict[str, Any]
+    scheduled_for: datetime | None
+    attempt: int
+    max_attempts: int
+    worker_id: str
+
+
+async def fetch_scopes(conn: psycopg.AsyncConnection[Any], query: str) -> tuple[str, ...]:
+    """Run a job's scopes_sql: the first column of each row, non-empty, unique."""
+    cur = await conn.execute(query.encode())
+    return tuple(dict.fromkeys(str(row[0]) for row in await cur.fetchall() if row[0]))
+
+
+def wake_channel(schema: str) -> str:
+    """The internal channel trigger() notifies when it enqueues runs."""
+    return f"{schema}_wake"
+
+
+def lock_namespace(schema: str) -> int:
+    """First key of workers' liveness advisory locks: one namespace per schema."""
+    return zlib.crc32(f"syncworker:{schema}".encode()) & 0x7FFFFFFF
+
+
+def _migrations() -> list[tuple[int, str]]:
+    folder = resources.files("syncworker") / "sql"
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:3].isdigit():
+            found.append((int(name[:3]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+class Store:
+    """The SQL of one schema, composed once, run on connections given to it."""
+
+    def __init__(self, schema: str, events_channel: str) -> None:
+        self.schema = schema
+        self.events_channel = events_channel
+        self.wake = wake_channel(schema)
+        self.lock_ns = lock_namespace(schema)
+        s = sql.Identifier(schema)
+        self._s = s
+        q = self._compose
+        self.q_trigger = q("SELECT run_id, created FROM {s}.trigger(%s, %s, %s, %s, %s, %s)")
+        self.q_claim = q(_CLAIM)
+        self.q_finish = q(_FINISH)
+        self.q_requeue = q(_REQUEUE)
+        self.q_next_attempt = q(_NEXT_ATTEMPT)
+        self.q_progress = q(_PROGRESS)
+        self.q_step_start = q(
+            "INSERT INTO {s}.run_steps (run_id, attempt, position, name, status)"
+            " VALUES (%s, %s, %s, %s, 'running') RETURNING id"
+        )
+        self.q_step_finish = q(_STEP_FINISH)
+        self.q_claim_fire = q(
+            "UPDATE {s}.jobs SET last_fire_at = %(fire)s"
+            " WHERE name = %(job)s AND (last_fire_at IS NULL OR last_fire_at < %(fire)s)"
+            " RETURNING name"
+        )
+        self.q_orphans = q(_ORPHANS)
+
+    def _compose(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(s=self._s)
+
+    # -- schema -----------------------------------------------------------
+
+    async def migrate(self, conn: psycopg.AsyncConnection[Any]) -> list[int]:
+        """Create or upgrade the schema; returns the versions applied now."""
+        applied_now: list[int] = []
+        async with conn.transaction():
+            # One migrator at a time across instances starting together.
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (self.lock_ns,))
+            await conn.execute(self._compose("CREATE SCHEMA IF NOT EXISTS {s}"))
+            await conn.execute(
+                self._compose(
+                    "CREATE TABLE IF NOT EXISTS {s}.migrations ("
+                    " version integer PRIMARY KEY,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+            )
+            cur = await conn.execute(self._compose("SELECT version FROM {s}.migrations"))
+            done = {row[0] for row in await cur.fetchall()}
+            schema_text = self._s.as_string(conn)
+            wake_text = sql.Literal(self.wake).as_string(conn)
+            for version, text in _migrations():
+                if version in done:
+                    continue
+                body = text.replace("__SCHEMA__", schema_text).replace("__WAKE__", wake_text)
+                await conn.execute(body.encode())
+                await conn.execute(
+                    self._compose("INSERT INTO {s}.migrations (version) VALUES (%s)"), (version,)
+                )
+                applied_now.append(version)
+        return applied_now
+
+    async def setup(
+        self, conn: psycopg.AsyncConnection[Any], jobs: Mapping[str, JobConfig]
+    ) -> dict[str, tuple[str, ...] | None]:
+        """Migrate, then register the jobs with their scopes (scopes_sql run now).
+
+        Returns each job's scopes as registered.
+        """
+        await self.migrate(conn)
+        scopes: dict[str, tuple[str, ...] | None] = {}
+        for name, job in jobs.items():
+            scopes[name] = (
+                await fetch_scopes(conn, job.scopes_sql) if job.scopes_sql else job.scopes
+            )
+        await self.register_jobs(conn, jobs, scopes)
+        return scopes
+
+    async def register_jobs(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        jobs: Mapping[str, JobConfig],
+        scopes: Mapping[str, Sequence[str] | None],
+    ) -> None:
+        """Make syncworker.jobs match the configuration (trigger() reads it).
+
+        A changed schedule restarts the misfire baseline at now(), so the new
+        schedule is not judged against fires of the old one.
+        """
+        async with conn.transaction():
+            for name, job in jobs.items():
+                await conn.execute(
+                    self._compose(_REGISTER_JOB),
+                    {
+                        "name": name,
+                        "enabled": job.enabled,
+                        "schedule": list(job.schedule),
+                        "timezone": job.timezone,
+                        "scopes": None if scopes.get(name) is None else list(scopes[name] or ()),
+                        "scopes_sql": job.scopes_sql,
+                        "on_overlap": job.on_overlap,
+                        "misfire": job.misfire,
+                        "retries": job.retries,
+                        "timeout": job.timeout,
+                    },
+                )
+            await conn.execute(
+                self._compose("DELETE FROM {s}.jobs WHERE NOT (name = ANY(%s))"), (list(jobs),)
+            )
+
+    async def set_scopes(
+        self, conn: psycopg.AsyncConnection[Any], job: str, scopes: Sequence[str]
+    ) -> None:
+        await conn.execute(
+            self._compose("UPDATE {s}.jobs SET scopes = %s, updated_at = now() WHERE name = %s"),
+            (list(scopes), job),
+        )
+
+    # -- triggers and cron fires -------------------------------------------
+
+    async def trigger(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        job: str,
+        scope: str | None = None,
+        *,
+        source: str = "python",
+        triggered_by: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        scheduled_for: datetime | None = None,
+    ) -> list[tuple[int, bool]]:
+        cur = await conn.execute(
+            self.q_trigger,
+            (job, scope, source, triggered_by, Jsonb(dict(payload or {})), scheduled_for),
+        )
+        return [(int(r[0]), bool(r[1])) for r in await cur.fetchall()]
+
+    async def fire_state(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, datetime | None]:
+        cur = await conn.execute(self._compose("SELECT name, last_fire_at FROM {s}.jobs"))
+        return {row[0]: row[1] for row in await cur.fetchall()}
+
+    async def enqueue_fire(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        job: str,
+        fire: datetime,
+        *,
+        run: bool,
+    ) -> list[tuple[int, bool]] | None:
+        """Claim one cron fire for this instance and, if `run`, enqueue its runs.
+
+        Returns None when another instance (or an earlier life of this one)
+        claimed the fire already. The claim and the enqueue commit together,
+        so a worker dying in between leaves the fire to the others.
+        """
+        async with conn.transaction():
+            cur = await conn.execute(self.q_claim_fire, {"fire": fire, "job": job})
+            if await cur.fetchone() is None:
+                return None
+            if not run:
+                return []
+            return await self.trigger(
+                conn, job, None, source="cron", triggered_by="cron", scheduled_for=fire
+            )
+
+    async def set_next_fire(
+        self, conn: psycopg.AsyncConnection[Any], fires: Mapping[str, datetime | None]
+    ) -> None:
+        if not fires:
+            return
+        await conn.execute(
+            self._compose(
+                "UPDATE {s}.jobs AS j SET next_fire_at = f.next"
+                " FROM unnest(%s::text[], %s::timestamptz[]) AS f(name, next)"
+                " WHERE j.name = f.name AND j.next_fire_at IS DISTINCT FROM f.next"
+            ),
+            (list(fires), list(fires.values())),
+        )
+
+    # -- runs ------------------------------------------------------------------
+
+    async def claim(
+        self, conn: psycopg.AsyncConnection[Any], worker_id: str, jobs: Sequence[str]
+    ) -> ClaimedRun | None:
+        """Take the oldest pending run whose key is not running anywhere."""
+        try:
+            cur = await conn.execute(
+                self.q_claim,
+                {"worker": worker_id, "jobs": list(jobs), "events": self.events_channel},
+            )
+        except psycopg.errors.UniqueViolation:
+            # Another instance started a run of the same key between our
+            # check and our update; the index refused ours. Nothing to claim.
+            return None
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        return ClaimedRun(
+            id=row[0],
+            job=row[1],
+            scope=row[2],
+            source=row[3],
+            triggered_by=row[4],
+            payload=row[5] or {},
+            scheduled_for=row[6],
+            attempt=row[7],
+            max_attempts=row[8],
+            worker_id=worker_id,
+        )
+
+    async def next_attempt(self, conn: psycopg.AsyncConnection[Any], run: ClaimedRun) -> bool:
+        cur = await conn.execute(
+            self.q_next_attempt, {"id": run.id, "worker": run.worker_id, "attempt": run.attempt}
+        )
+        return await cur.fetchone() is not None
+
+    async def progress(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        run: ClaimedRun,
+        counters: Counters,
+        step: str | None,
+    ) -> None:
+        await conn.execute(
+            self.q_progress,
+            {**self._fence(run), **counters.as_params(), "step": step},
+        )
+
+    async def finish(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        run: ClaimedRun,
+        status: str,
+        counters: Counters,
+        error: str | None,
+    ) -> bool:
+        """Write the outcome if this worker still owns the run; publish the event."""
+        cur = await conn.execute(
+            self.q_finish,
+            {
+                **self._fence(run),
+                **counters.as_params(),
+                "status": status,
+                "error": error,
+                "events": self.events_channel,
+                "event": f"run_{status}",
+            },
+        )
+        return await cur.fetchone() is not None
+
+    async def requeue(
+        self, conn: psycopg.AsyncConnection[Any], run: ClaimedRun, reason: str
+    ) -> str | None:
+        """Give an interrupted run back: `pending`, or `cancelled` when a
+        follow-up run of the key is already pending (it will do the work).
+        Returns the new status, or None if the run was no longer ours."""
+        cur = await conn.execute(
+            self.q_requeue, {**self._fence(run), "error": reason, "events": self.events_channel}
+        )
+        row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def step_started(
+        self, conn: psycopg.AsyncConnection[Any], run: ClaimedRun, position: int, name: str
+    ) -> int:
+        cur = await conn.execute(self.q_step_start, (run.id, run.attempt, position, name))
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def step_finished(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        step_id: int,
+        status: str,
+        counters: Counters,
+        error: str | None,
+    ) -> None:
+        await conn.execute(
+            self.q_step_finish,
+            {"id": step_id, "status": status, "error": error, **counters.as_params()},
+        )
+
+    def _fence(self, run: ClaimedRun) -> dict[str, Any]:
+        return {"id": run.id, "worker": run.worker_id, "attempt": run.attempt}
+
+    # -- workers ---------------------------------------------------------------
+
+    async def register_worker(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        worker_id: str,
+        hostname: str,
+        pid: int,
+        version: str,
+    ) -> int:
+        """Insert this worker's row; returns its lock key."""
+        cur = await conn.execute(
+            self._compose(
+                "INSERT INTO {s}.workers (id, hostname, pid, version, state)"
+                " VALUES (%s, %s, %s, %s, 'starting') RETURNING lock_key"
+            ),
+            (worker_id, hostname, pid, version),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        # Forget workers that stopped or vanished more than a day ago.
+        await conn.execute(
+            self._compose("DELETE FROM {s}.workers WHERE heartbeat_at < now() - interval '1 day'")
+        )
+        return int(row[0])
+
+    async def hold_liveness_lock(self, conn: psycopg.AsyncConnection[Any], lock_key: int) -> None:
+        """Take the session lock that tells other workers this one is alive."""
+        await conn.execute("SELECT pg_advisory_lock(%s, %s)", (self.lock_ns, lock_key))
+
+    async def heartbeat(
+        self, conn: psycopg.AsyncConnection[Any], worker_id: str, state: str
+    ) -> None:
+        await conn.execute(
+            self._compose(
+                "UPDATE {s}.workers SET heartbeat_at = now(), state = %s,"
+                " stopped_at = CASE WHEN %s = 'stopped' THEN now() END WHERE id = %s"
+            ),
+            (state, state, worker_id),
+        )
+
+    async def recover_orphans(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        worker_id: str,
+        stale_after: float,
+        in_flight: Sequence[int],
+    ) -> list[dict[str, Any]]:
+        """Take back runs whose worker is gone: retry them or fail them.
+
+        Runs recorded under this worker but not in flight here are orphans too:
+        their final write was lost in a database outage.
+        """
+        async with conn.transaction():
+            cur = await conn.execute(
+                self.q_orphans,
+                {
+                    "me": worker_id,
+                    "mine": list(in_flight),
+                    "ns": self.lock_ns,
+                    "stale": stale_after,
+                    "events": self.events_channel,
+                },
+            )
+            return [
+                {"id": r[0], "job": r[1], "scope": r[2], "status": r[3]}
+                for r in await cur.fetchall()
+            ]
+
+    # -- reading -----------------------------------------------------------------
+
+    async def read_status(
+        self, conn: psycopg.AsyncConnection[Any], *, limit: int, job: str | None
+    ) -> dict[str, Any]:
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                self._compose(
+                    "SELECT w.id, w.hostname, w.pid, w.version, w.state, w.started_at,"
+                    " w.heartbeat_at, w.stopped_at,"
+                    " (SELECT array_agg(r.id ORDER BY r.id) FROM {s}.runs r"
+                    "   WHERE r.status = 'running' AND r.worker_id = w.id) AS current_runs"
+                    " FROM {s}.workers w ORDER BY w.state = 'stopped', w.started_at DESC"
+                )
+            )
+            workers = await cur.fetchall()
+            await cur.execute(
+                self._compose(
+                    "SELECT j.name, j.enabled, j.schedule, j.timezone, j.scopes, j.next_fire_at,"
+                    " j.last_fire_at, l.id AS last_run_id, l.status AS last_status,"
+                    " l.finished_at AS last_finished_at"
+                    " FROM {s}.jobs j LEFT JOIN LATERAL ("
+                    "   SELECT id, status, finished_at FROM {s}.runs r WHERE r.job = j.name"
+                    "   ORDER BY id DESC LIMIT 1) l ON true"
+                    " WHERE %(job)s::text IS NULL OR j.name = %(job)s ORDER BY j.name"
+                ),
+                {"job": job},
+            )
+            jobs = await cur.fetchall()
+            await cur.execute(
+                self._compose(
+                    "SELECT " + RUN_COLUMNS + " FROM {s}.runs"
+                    " WHERE %(job)s::text IS NULL OR job = %(job)s ORDER BY id DESC LIMIT %(limit)s"
+                ),
+                {"job": job, "limit": limit},
+            )
+            runs = await cur.fetchall()
+            await cur.execute(
+                self._compose(
+                    "SELECT count(*) AS total,"
+                    " count(*) FILTER (WHERE status = 'succeeded') AS succeeded,"
+                    " count(*) FILTER (WHERE status = 'failed') AS failed,"
+                    " count(*) FILTER (WHERE status = 'pending') AS pending,"
+                    " count(*) FILTER (WHERE status = 'running') AS running,"
+                    " max(finished_at) FILTER (WHERE status = 'succeeded') AS last_success_at"
+                    " FROM {s}.runs WHERE %(job)s::text IS NULL OR job = %(job)s"
+                ),
+                {"job": job},
+            )
+            summary = await cur.fetchone()
+        return {"workers": workers, "jobs": jobs, "runs": runs, "summary": summary or {}}
+
+    async def read_run(
+        self, conn: psycopg.AsyncConnection[Any], run_id: int
+    ) -> dict[str, Any] | None:
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                self._compose("SELECT " + RUN_COLUMNS + " FROM {s}.runs WHERE id = %s"), (run_id,)
+            )
+            return await cur.fetchone()
+
+
+def event_json(event: str, row: Mapping[str, Any]) -> str:
+    return json.dumps(
+        {
+            "event": event,
+            "run_id": row["id"],
+            "job": row["job"],
+            "scope": row["scope"],
+            "status": row["status"],
+        }
+    )
+
+
+_REGISTER_JOB = """
+INSERT INTO {s}.jobs AS j (name, enabled, schedule, timezone, scopes, scopes_sql, on_overlap,
+                           misfire, retries, timeout, last_fire_at, updated_at)
+VALUES (%(name)s, %(enabled)s, %(schedule)s, %(timezone)s, %(scopes)s, %(scopes_sql)s,
+        %(on_overlap)s, %(misfire)s, %(retries)s, %(timeout)s, now(), now())
+ON CONFLICT (name) DO UPDATE SET
+    enabled = excluded.enabled,
+    schedule = excluded.schedule,
+    timezone = excluded.timezone,
+    scopes = excluded.scopes,
+    scopes_sql = excluded.scopes_sql,
+    on_overlap = excluded.on_overlap,
+    misfire = excluded.misfire,
+    retries = excluded.retries,
+    timeout = excluded.timeout,
+    last_fire_at = CASE
+        WHEN j.schedule IS DISTINCT FROM excluded.schedule
+          OR j.timezone IS DISTINCT FROM excluded.timezone
+          OR j.last_fire_at IS NULL
+        THEN now() ELSE j.last_fire_at END,
+    next_fire_at = CASE WHEN j.schedule IS DISTINCT FROM excluded.schedule
+                        THEN NULL ELSE j.next_fire_at END,
+    updated_at = now()
+"""
+
+# pg_notify() in RETURNING publishes the run event in the same statement, and
+# so in the same transaction, as the status change it reports.
+_EVENT = (
+    "pg_notify(%(events)s, json_build_object('event', {event}, 'run_id', r.id, 'job', r.job,"
+    " 'scope', r.scope, 'status', r.status)::text)"
+)
+
+_CLAIM = """
+UPDATE {s}.runs AS r
+SET status = 'running', started_at = now(), finished_at = NULL, duration_ms = NULL,
+    worker_id = %(worker)s, attempt = r.attempt + 1, error = NULL, current_step = NULL,
+    records_total = NULL, records_processed = 0, records_inserted = 0, records_updated = 0,
+    records_deleted = 0, records_errored = 0
+FROM (
+    SELECT p.id FROM {s}.runs p
+    WHERE p.status = 'pending' AND p.job = ANY(%(jobs)s)
+      AND NOT EXISTS (
+          SELECT 1 FROM {s}.runs x
+          WHERE x.status = 'running' AND x.job = p.job
+            AND coalesce(x.scope, '') = coalesce(p.scope, ''))
+    ORDER BY p.id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+) AS picked
+WHERE r.id = picked.id AND r.status = 'pending'
+RETURNING r.id, r.job, r.scope, r.source, r.triggered_by, r.payload, r.scheduled_for,
+          r.attempt, r.max_attempts, """ + _EVENT.replace("{event}", "'run_started'")
+
+_FENCE = (
+    "r.id = %(id)s AND r.status = 'running'"
+    " AND r.worker_id = %(worker)s AND r.attempt = %(attempt)s"
+)
+
+_COUNTER_SET = """
+    records_total = %(total)s, records_processed = %(processed)s,
+    records_inserted = %(inserted)s, records_updated = %(updated)s,
+    records_deleted = %(deleted)s, records_errored = %(errored)s"""
+
+_FINISH = (
+    """
+UPDATE {s}.runs AS r
+SET status = %(status)s, finished_at = now(), current_step = NULL,
+    duration_ms = (extract(epoch FROM now() - r.started_at) * 1000)::bigint,
+    error = %(error)s,"""
+    + _COUNTER_SET
+    + """
+WHERE """
+    + _FENCE
+    + """
+RETURNING r.id, """
+    + _EVENT.replace("{event}", "%(event)s")
+)
+
+_PROGRESS = (
+    """
+UPDATE {s}.runs AS r SET current_step = %(step)s,"""
+    + _COUNTER_SET
+    + """
+WHERE """
+    + _FENCE
+)
+
+_NEXT_ATTEMPT = (
+    """
+UPDATE {s}.runs AS r SET attempt = r.attempt + 1
+WHERE """
+    + _FENCE
+    + """
+RETURNING r.id"""
+)
+
+# An interrupted attempt is not counted against the run's retries.
+_REQUEUE = (
+    """
+UPDATE {s}.runs AS r
+SET status = CASE WHEN f.has_pending THEN 'cancelled' ELSE 'pending' END,
+    finished_at = CASE WHEN f.has_pending THEN now() END,
+    duration_ms = CASE WHEN f.has_pending
+                       THEN (extract(epoch FROM now() - r.started_at) * 1000)::bigint END,
+    started_at = CASE WHEN f.has_pending THEN r.started_at END,
+    attempt = r.attempt - 1, worker_id = CASE WHEN f.has_pending THEN r.worker_id END,
+    current_step = NULL, error = %(error)s
+FROM (SELECT EXISTS (
+        SELECT 1 FROM {s}.runs p, {s}.runs me
+        WHERE me.id = %(id)s AND p.status = 'pending' AND p.job = me.job
+          AND coalesce(p.scope, '') = coalesce(me.scope, ''))
+      AS has_pending) AS f
+WHERE """
+    + _FENCE
+    + """
+RETURNING r.status, """
+    + _EVENT.replace("{event}", "'run_cancelled'")
+)
+
+_STEP_FINISH = """
+UPDATE {s}.run_steps
+SET status = %(status)s, finished_at = now(), error = %(error)s,
+    duration_ms = (extract(epoch FROM now() - started_at) * 1000)::bigint,
+    records_total = %(total)s, records_processed = %(processed)s,
+    records_inserted = %(inserted)s, records_updated = %(updated)s,
+    records_deleted = %(deleted)s, records_errored = %(errored)s
+WHERE id = %(id)s
+"""
+
+# A run is orphaned when its worker no longer holds its liveness lock (the
+# session died: kill -9, host loss, lost connection), has stopped, has no
+# row, or stopped heartbeating. It goes back to pending while it has
+# attempts left and no follow-up is already pending, else it fails.
+_ORPHANS = """
+WITH lost AS (
+    SELECT r.id,
+           r.attempt < r.max_attempts AND NOT EXISTS (
+               SELECT 1 FROM {s}.runs p
+               WHERE p.status = 'pending' AND p.job = r.job
+                 AND coalesce(p.scope, '') = coalesce(r.scope, '')) AS retry
+    FROM {s}.runs r
+    LEFT JOIN {s}.workers w ON w.id = r.worker_id
+    WHERE r.status = 'running'
+      AND (r.worker_id = %(me)s AND NOT (r.id = ANY(%(mine)s::bigint[]))
+           OR r.worker_id IS DISTINCT FROM %(me)s AND (w.id IS NULL
+           OR w.state = 'stopped'
+           OR w.heartbeat_at < now() - make_interval(secs => %(stale)s)
+           OR NOT EXISTS (
+               SELECT 1 FROM pg_locks l
+               WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                 AND l.classid = %(ns)s::bigint::oid AND l.objid = w.lock_key::bigint::oid)))
+    FOR UPDATE OF r SKIP LOCKED
+), steps AS (
+    UPDATE {s}.run_steps st
+    SET status = 'failed', finished_at = now(), error = 'worker lost',
+        duration_ms = (extract(epoch FROM now() - st.started_at) * 1000)::bigint
+    FROM lost WHERE st.run_id = lost.id AND st.status = 'running'
+)
+UPDATE {s}.runs AS r
+SET status = CASE WHEN lost.retry THEN 'pending' ELSE 'failed' END,
+    started_at = CASE WHEN lost.retry THEN NULL ELSE r.started_at END,
+    finished_at = CASE WHEN lost.retry THEN NULL ELSE now() END,
+    duration_ms = CASE WHEN lost.retry THEN NULL
+                       ELSE (extract(epoch FROM now() - r.started_at) * 1000)::bigint END,
+    worker_id = CASE WHEN lost.retry THEN NULL ELSE r.worker_id END,
+    current_step = NULL, error = 'worker lost'
+FROM lost WHERE r.id = lost.id
+RETURNING r.id, r.job, r.scope, r.status, """ + _EVENT.replace(
+    "{event}", "CASE WHEN r.status = 'failed' THEN 'run_failed' ELSE 'run_cancelled' END"
+)
