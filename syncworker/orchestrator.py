@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import psycopg
 from structlog.typing import FilteringBoundLogger
 
+from syncworker.aio import wait_event
 from syncworker.config import JobConfig
 from syncworker.context import SyncContext
 from syncworker.counters import Counters
@@ -83,11 +84,7 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
 
         delay = job.retry_backoff * 2 ** (run.attempt - 1)
         log.info("run_retrying", attempt=run.attempt, next_attempt=run.attempt + 1, delay=delay)
-        try:
-            await asyncio.wait_for(env.stopping.wait(), timeout=delay)
-        except TimeoutError:
-            pass
-        else:
+        if await wait_event(env.stopping, delay):
             return await _requeue(run, env, log, f"interrupted by shutdown after: {error}")
         if not await _persist(log, functools.partial(env.store.next_attempt, run=run), env):
             log.warning("run_lost", reason="another worker took the run over")

@@ -535,13 +535,11 @@ _EVENT = (
     " 'scope', r.scope, 'status', r.status)::text)"
 )
 
+# The pick is a MATERIALIZED CTE, evaluated exactly once: as a FROM
+# subquery the planner may rescan it once per outer row, and every rescan
+# of LIMIT 1 ... SKIP LOCKED picks (and this UPDATE claims) another run.
 _CLAIM = """
-UPDATE {s}.runs AS r
-SET status = 'running', started_at = now(), finished_at = NULL, duration_ms = NULL,
-    worker_id = %(worker)s, attempt = r.attempt + 1, error = NULL, current_step = NULL,
-    records_total = NULL, records_processed = 0, records_inserted = 0, records_updated = 0,
-    records_deleted = 0, records_errored = 0
-FROM (
+WITH picked AS MATERIALIZED (
     SELECT p.id FROM {s}.runs p
     WHERE p.status = 'pending' AND p.job = ANY(%(jobs)s)
       AND NOT EXISTS (
@@ -551,8 +549,14 @@ FROM (
     ORDER BY p.id
     LIMIT 1
     FOR UPDATE SKIP LOCKED
-) AS picked
-WHERE r.id = picked.id AND r.status = 'pending'
+)
+UPDATE {s}.runs AS r
+SET status = 'running', started_at = now(), finished_at = NULL, duration_ms = NULL,
+    worker_id = %(worker)s, attempt = r.attempt + 1, error = NULL, current_step = NULL,
+    records_total = NULL, records_processed = 0, records_inserted = 0, records_updated = 0,
+    records_deleted = 0, records_errored = 0
+FROM picked
+WHERE r.id = picked.id
 RETURNING r.id, r.job, r.scope, r.source, r.triggered_by, r.payload, r.scheduled_for,
           r.attempt, r.max_attempts, """ + _EVENT.replace("{event}", "'run_started'")
 
@@ -578,7 +582,7 @@ WHERE """
     + _FENCE
     + """
 RETURNING r.id, """
-    + _EVENT.replace("{event}", "%(event)s")
+    + _EVENT.replace("{event}", "%(event)s::text")
 )
 
 _PROGRESS = (

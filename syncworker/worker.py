@@ -13,7 +13,7 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from structlog.typing import FilteringBoundLogger
 
 from syncworker import schedule, systemd
+from syncworker.aio import wait_event
 from syncworker.config import JobConfig, Settings
 from syncworker.listener import KEEPALIVES, listen_forever
 from syncworker.logs import make_logger
@@ -175,7 +176,7 @@ class Worker:
                 if not down:
                     self.log.warning("db_disconnected", error=str(exc).strip().splitlines()[0])
                     down = True
-                await self._sleep_unless_stopping(delay)
+                await wait_event(self._stopping, delay)
                 delay = min(delay * 2, 10.0)
         return False
 
@@ -273,8 +274,7 @@ class Worker:
                 await self._db_up.wait()
                 await asyncio.sleep(0.1)  # let the pool notice the outage is over
                 continue
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._reschedule.wait(), timeout=delay)
+            await wait_event(self._reschedule, delay)
 
     async def _schedule_pass(self) -> float:
         """Enqueue every due fire; returns seconds until the next one."""
@@ -418,11 +418,7 @@ class Worker:
         interval = self.settings.heartbeat_interval
         last_state = ""
         while True:
-            try:
-                await asyncio.wait_for(self._state_changed.wait(), timeout=interval)
-                timed_out = False
-            except TimeoutError:
-                timed_out = True
+            timed_out = not await wait_event(self._state_changed, interval)
             self._state_changed.clear()
             if not self._db_up.is_set():
                 continue
@@ -492,7 +488,3 @@ class Worker:
         assert self._pool is not None
         async with self._pool.connection(timeout=timeout) as conn:
             yield conn
-
-    async def _sleep_unless_stopping(self, seconds: float) -> None:
-        with suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
