@@ -263,7 +263,10 @@ def validate_config(data: Mapping[str, Any], source: str = "<config>") -> Settin
         raise _first_error(exc, data, source) from None
     except SettingsError as exc:
         # pydantic-settings raises this for an env value it cannot decode as JSON.
-        raise ConfigError("environment", "", str(exc)) from None
+        match = re.search(r'field "(\w+)"', str(exc))
+        field = match.group(1) if match else ""
+        where = f"{ENV_PREFIX}{field.upper()}" if field else "environment"
+        raise ConfigError(where, field, "not valid JSON") from None
     if not settings.database_url and "database_url" not in data:
         fallback = os.environ.get("DATABASE_URL", "")
         if fallback:
@@ -284,7 +287,8 @@ def _first_error(exc: ValidationError, data: Mapping[str, Any], source: str) -> 
     key = _dotted(loc)
     top = loc[0] if loc else ""
     env_name = f"{ENV_PREFIX}{top.upper()}"
-    where = env_name if top and env_name in os.environ and top not in data else source
+    # The environment wins over the file, so a set variable is where the value came from.
+    where = env_name if top and env_name in os.environ else source
     if err["type"] == "extra_forbidden":
         return ConfigError(where, key, "unknown key")
     if err["type"] == "missing":

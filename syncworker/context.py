@@ -17,12 +17,38 @@ from syncworker.counters import COUNTERS, Counters
 ConnectionFactory = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 
 
+class StopRequest:
+    """The worker's drain request as one step sees it.
+
+    Reads like an asyncio.Event (`is_set()`, `await wait()`), and remembers
+    whether this step saw it set: a step that saw it and returned stopped at
+    a safe point before its end, so the run is requeued instead of being
+    recorded as succeeded. A step that never looks simply finishes.
+    """
+
+    def __init__(self, event: asyncio.Event) -> None:
+        self._event = event
+        self.observed = False
+
+    def is_set(self) -> bool:
+        if self._event.is_set():
+            self.observed = True
+            return True
+        return False
+
+    async def wait(self) -> bool:
+        await self._event.wait()
+        self.observed = True
+        return True
+
+
 @dataclass
 class SyncContext:
     """Handed to every step. Counters add up into the run's row.
 
     `stopping` is set when the worker starts draining: a long step should
-    check it at safe points and return early; the run is then requeued.
+    check it at safe points and return early; a run whose step saw it set is
+    requeued (pending) rather than recorded as done.
     """
 
     run_id: int
@@ -33,7 +59,7 @@ class SyncContext:
     payload: dict[str, Any]
     attempt: int
     log: FilteringBoundLogger
-    stopping: asyncio.Event
+    stopping: StopRequest
     _connect: ConnectionFactory
     _run_counters: Counters
     _step_counters: Counters = field(default_factory=Counters)

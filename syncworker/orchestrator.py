@@ -20,7 +20,7 @@ from structlog.typing import FilteringBoundLogger
 
 from syncworker.aio import wait_event
 from syncworker.config import JobConfig
-from syncworker.context import SyncContext
+from syncworker.context import StopRequest, SyncContext
 from syncworker.counters import Counters
 from syncworker.steps import Step, StepFailed
 from syncworker.store import ClaimedRun, Store
@@ -102,8 +102,6 @@ async def _attempt(
 ) -> None:
     async with asyncio.timeout(job.timeout):
         for position, step in enumerate(steps):
-            if env.stopping.is_set():
-                raise _Interrupted
             ctx = SyncContext(
                 run_id=run.id,
                 job=run.job,
@@ -113,7 +111,7 @@ async def _attempt(
                 payload=run.payload,
                 attempt=run.attempt,
                 log=log.bind(step=step.name),
-                stopping=env.stopping,
+                stopping=StopRequest(env.stopping),
                 _connect=env.connect,
                 _run_counters=counters,
             )
@@ -141,9 +139,9 @@ async def _attempt(
                 )
                 await _persist(log, write, env)
             log.info("step_finished", step=step.name, position=position, **_show(step_counters))
-            # A step that returned while a drain was requested may have stopped
-            # early at a safe point; its run is redone rather than called done.
-            if env.stopping.is_set():
+            # A drain lets the run go on through its steps, unless this step
+            # saw the request and returned early: then the run is redone.
+            if ctx.stopping.observed:
                 raise _Interrupted
 
 

@@ -9,7 +9,7 @@ Expressions are evaluated in the job's own time zone, so "0 2 * * *" means
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -43,21 +43,23 @@ def load_zone(name: str) -> ZoneInfo:
 
 
 def next_fire(exprs: Sequence[str], tz: ZoneInfo, after: datetime) -> datetime | None:
-    """The earliest fire strictly after `after` across all expressions."""
+    """The earliest fire strictly after `after` across all expressions, in UTC."""
     if not exprs:
         return None
     local = after.astimezone(tz)
-    return min(croniter(e, local).get_next(datetime) for e in exprs)
+    # Compared in UTC: two datetimes of one zone compare by wall clock, which
+    # puts the two passes through a repeated (DST fall-back) hour in the wrong order.
+    return min(croniter(e, local).get_next(datetime).astimezone(UTC) for e in exprs)
 
 
 def latest_fire(exprs: Sequence[str], tz: ZoneInfo, at_or_before: datetime) -> datetime | None:
-    """The latest fire at or before `at_or_before` across all expressions."""
+    """The latest fire at or before `at_or_before` across all expressions, in UTC."""
     if not exprs:
         return None
     # croniter's get_prev is strict; nudge forward so a fire exactly at
     # `at_or_before` counts as due.
     local = (at_or_before + _TICK).astimezone(tz)
-    return max(croniter(e, local).get_prev(datetime) for e in exprs)
+    return max(croniter(e, local).get_prev(datetime).astimezone(UTC) for e in exprs)
 
 
 def upcoming(exprs: Sequence[str], tz: ZoneInfo, after: datetime, count: int) -> list[datetime]:

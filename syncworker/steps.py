@@ -212,6 +212,7 @@ def _apply_counter_line(text: str, ctx: SyncContext) -> None:
 
 
 async def _terminate_on_stop(proc: asyncio.subprocess.Process, ctx: SyncContext) -> None:
+    # Waiting marks the request as seen: a command stopped by SIGTERM is redone.
     await ctx.stopping.wait()
     _signal_group(proc, signal.SIGTERM)
 

@@ -603,7 +603,8 @@ WHERE """
 RETURNING r.id"""
 )
 
-# An interrupted attempt is not counted against the run's retries.
+# The attempt number stays: it keys the attempt's run_steps rows, and the
+# next claim starts a new attempt (always at least one more try).
 _REQUEUE = (
     """
 UPDATE {s}.runs AS r
@@ -612,7 +613,7 @@ SET status = CASE WHEN f.has_pending THEN 'cancelled' ELSE 'pending' END,
     duration_ms = CASE WHEN f.has_pending
                        THEN (extract(epoch FROM now() - r.started_at) * 1000)::bigint END,
     started_at = CASE WHEN f.has_pending THEN r.started_at END,
-    attempt = r.attempt - 1, worker_id = CASE WHEN f.has_pending THEN r.worker_id END,
+    worker_id = CASE WHEN f.has_pending THEN r.worker_id END,
     current_step = NULL, error = %(error)s
 FROM (SELECT EXISTS (
         SELECT 1 FROM {s}.runs p, {s}.runs me

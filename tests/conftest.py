@@ -17,7 +17,7 @@ from psycopg import sql
 from tests.harness import JOBS_DIR, Daemon
 
 sys.path.insert(0, str(JOBS_DIR))  # the test job module, importable in-process too
-from sw_testjobs import SETUP_SQL  # noqa: E402
+from sw_testjobs import SETUP_SQL
 
 
 def _docker_answers() -> bool:
@@ -70,7 +70,9 @@ def database_url(pg_server: Server) -> Iterator[str]:
         conn.execute(SETUP_SQL.encode())
     yield url
     with psycopg.connect(pg_server.admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture

@@ -32,7 +32,9 @@ def wait_until(check: Callable[[], T], timeout: float = 30.0, what: str = "condi
         time.sleep(0.05)
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "syncworker", *args],
         capture_output=True,
@@ -98,7 +100,9 @@ class Daemon:
         with self._cond:
             return [r for r in self.records if r.get("event") == name and _matches(r, match)]
 
-    def wait_for(self, name: str, timeout: float = 30.0, count: int = 1, **match: Any) -> dict[str, Any]:
+    def wait_for(
+        self, name: str, timeout: float = 30.0, count: int = 1, **match: Any
+    ) -> dict[str, Any]:
         """Wait until `count` log events named `name` (matching fields) were seen."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -114,7 +118,8 @@ class Daemon:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AssertionError(
-                        f"no {name} {match} within {timeout}s; last lines:\n" + "".join(self.raw[-30:])
+                        f"no {name} {match} within {timeout}s; last lines:\n"
+                        + "".join(self.raw[-30:])
                     )
                 self._cond.wait(remaining)
 

@@ -132,7 +132,9 @@ steps = ["sw_testjobs:record", "sw_testjobs:second"]
 
 def test_retries_with_backoff_then_success_or_failure(database_url, tmp_path, start):
     start(write_config(tmp_path / "c.toml", database_url, JOBS))
-    execute(database_url, """SELECT * FROM syncworker.trigger('solo', payload => '{"fail_times": 2}')""")
+    execute(
+        database_url, """SELECT * FROM syncworker.trigger('solo', payload => '{"fail_times": 2}')"""
+    )
     [ok] = finished(database_url, 1)
     assert ok["status"] == "succeeded" and ok["attempt"] == 3
     attempts = query(
@@ -142,7 +144,9 @@ def test_retries_with_backoff_then_success_or_failure(database_url, tmp_path, st
     )
     assert attempts == [(1, "failed"), (2, "failed"), (3, "succeeded")]
 
-    execute(database_url, """SELECT * FROM syncworker.trigger('solo', payload => '{"fail_times": 9}')""")
+    execute(
+        database_url, """SELECT * FROM syncworker.trigger('solo', payload => '{"fail_times": 9}')"""
+    )
     [_, bad] = finished(database_url, 2)
     assert bad["status"] == "failed"
     assert bad["attempt"] == 4  # the first try and 3 retries
@@ -181,7 +185,10 @@ def test_coalescing_one_pending_per_key(database_url, tmp_path, start):
     )
     release(database_url)
     done = finished(database_url, 2)
-    assert [(r["id"], r["status"]) for r in done] == [(first, "succeeded"), (follow_up, "succeeded")]
+    assert [(r["id"], r["status"]) for r in done] == [
+        (first, "succeeded"),
+        (follow_up, "succeeded"),
+    ]
     assert done[1]["started_at"] >= done[0]["finished_at"]
     assert len(runs(database_url)) == 2
 
@@ -244,7 +251,9 @@ steps = ["sw_testjobs:record"]
         assert len(scopes) == len(set(scopes))
     record = daemon.events("cron_fired")[0]
     assert record["late_ms"] < 1000 and record["missed"] is False
-    [(next_fire,)] = query(database_url, "SELECT next_fire_at FROM syncworker.jobs WHERE name = 'tick'")
+    [(next_fire,)] = query(
+        database_url, "SELECT next_fire_at FROM syncworker.jobs WHERE name = 'tick'"
+    )
     assert next_fire is not None
 
 
@@ -287,4 +296,6 @@ def test_misfire_skip_runs_nothing_for_missed_fires(database_url, tmp_path, star
     daemon = start(config)
     daemon.wait_for("misfire_skipped", job="minutely")
     started = datetime.now(UTC)
-    assert [r for r in runs(database_url) if datetime.fromisoformat(r["scheduled_for"]) < started] == []
+    assert [
+        r for r in runs(database_url) if datetime.fromisoformat(r["scheduled_for"]) < started
+    ] == []

@@ -7,7 +7,6 @@ test drives them through the trigger payload and the `test_release` channel.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from syncworker import SyncContext
 
@@ -15,7 +14,7 @@ SETUP_SQL = """
 CREATE TABLE IF NOT EXISTS test_log (
     id bigserial PRIMARY KEY,
     run_id bigint, job text, scope text, step text, attempt int, source text,
-    payload jsonb, stopping boolean, at timestamptz DEFAULT clock_timestamp());
+    payload jsonb, at timestamptz DEFAULT clock_timestamp());
 CREATE TABLE IF NOT EXISTS test_release (name text PRIMARY KEY);
 """
 
@@ -25,10 +24,9 @@ async def _log(ctx: SyncContext, step: str) -> None:
 
     async with ctx.connection() as conn:
         await conn.execute(
-            "INSERT INTO test_log (run_id, job, scope, step, attempt, source, payload, stopping)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            (ctx.run_id, ctx.job, ctx.scope, step, ctx.attempt, ctx.source, Jsonb(ctx.payload),
-             ctx.stopping.is_set()),
+            "INSERT INTO test_log (run_id, job, scope, step, attempt, source, payload)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (ctx.run_id, ctx.job, ctx.scope, step, ctx.attempt, ctx.source, Jsonb(ctx.payload)),
         )
 
 
@@ -87,5 +85,8 @@ async def slow(ctx: SyncContext) -> None:
     await asyncio.sleep(float(ctx.payload.get("seconds", 30)))
 
 
-def payload_echo(ctx: SyncContext) -> dict[str, Any]:
-    return dict(ctx.payload)
+async def cooperative(ctx: SyncContext) -> None:
+    """Works until a drain is requested, then stops at a safe point."""
+    await _log(ctx, "cooperative")
+    await ctx.stopping.wait()
+    await _log(ctx, "stopped early")
