@@ -66,13 +66,23 @@ def write_config(path: Path, database_url: str, jobs_toml: str, **top: Any) -> P
 class Daemon:
     """A `syncworker run` subprocess whose JSON log lines are collected."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, env: dict[str, str] | None = None, extra_args: list[str] | None = None
+    ) -> None:
         self.config = config
         self.records: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "syncworker", "run", "--config", str(config)],
+            [
+                sys.executable,
+                "-m",
+                "syncworker",
+                "run",
+                "--config",
+                str(config),
+                *(extra_args or []),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
