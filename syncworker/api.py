@@ -25,12 +25,20 @@ def _query(schema: str) -> sql.Composed:
     ).format(sql.Identifier(schema))
 
 
-def _scopes(scope: str | None, scopes: Sequence[str] | None) -> list[str | None]:
+def _calls(
+    job: str,
+    scope: str | None,
+    scopes: Sequence[str] | None,
+    source: str,
+    triggered_by: str | None,
+    payload: Mapping[str, Any] | None,
+) -> list[tuple[Any, ...]]:
+    """The parameters of one trigger() call per scope asked for."""
     if scope is not None and scopes is not None:
         raise TypeError("give scope or scopes, not both")
-    if scopes is not None:
-        return list(dict.fromkeys(scopes))
-    return [scope]
+    chosen = list(dict.fromkeys(scopes)) if scopes is not None else [scope]
+    body = Jsonb(dict(payload or {}))
+    return [(job, one, source, triggered_by, body) for one in chosen]
 
 
 async def trigger_sync(
@@ -48,10 +56,8 @@ async def trigger_sync(
     ids: list[int] = []
     query = _query(schema)
     try:
-        for one in _scopes(scope, scopes):
-            cur = await conn.execute(
-                query, (job, one, source, triggered_by, Jsonb(dict(payload or {})))
-            )
+        for params in _calls(job, scope, scopes, source, triggered_by, payload):
+            cur = await conn.execute(query, params)
             ids.extend(int(row[0]) for row in await cur.fetchall())
     except psycopg.errors.InvalidParameterValue as exc:
         raise TriggerError(_message(exc)) from None
@@ -73,8 +79,8 @@ def trigger_sync_blocking(
     ids: list[int] = []
     query = _query(schema)
     try:
-        for one in _scopes(scope, scopes):
-            cur = conn.execute(query, (job, one, source, triggered_by, Jsonb(dict(payload or {}))))
+        for params in _calls(job, scope, scopes, source, triggered_by, payload):
+            cur = conn.execute(query, params)
             ids.extend(int(row[0]) for row in cur.fetchall())
     except psycopg.errors.InvalidParameterValue as exc:
         raise TriggerError(_message(exc)) from None
