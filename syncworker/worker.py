@@ -84,6 +84,7 @@ class Worker:
         self._lock_key: int | None = None
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._main: asyncio.Task[None] | None = None
+        self._claiming: asyncio.Future[bool] | None = None
 
     # -- public face -----------------------------------------------------------
 
@@ -192,6 +193,9 @@ class Worker:
             # because its session holds the lock that marks this worker alive.
             scheduler.cancel()
             executor.cancel()
+            await asyncio.gather(scheduler, executor, return_exceptions=True)
+            if self._claiming is not None:  # a claim in flight becomes a run to drain
+                await asyncio.gather(self._claiming, return_exceptions=True)
             await self._drain()
             for task in (listener, heartbeat, watchdog):
                 task.cancel()
@@ -357,15 +361,23 @@ class Worker:
             self._wake.clear()
             await self._db_up.wait()
             while len(self._runs) < self.settings.concurrency:
-                try:
-                    async with self._connect() as conn:
-                        run = await self.store.claim(conn, self.id, self._claimable)
-                except psycopg.OperationalError as exc:
-                    self.log.warning("claim_failed", error=str(exc).strip().splitlines()[0])
-                    break  # the listener's reconnect wakes us again
-                if run is None:
+                # Shielded: a stop arriving between the claim's commit and the
+                # run's start must not leave a claimed run that nobody runs.
+                self._claiming = asyncio.ensure_future(self._claim_one())
+                if not await asyncio.shield(self._claiming):
                     break
-                self._start_run(run)
+
+    async def _claim_one(self) -> bool:
+        try:
+            async with self._connect() as conn:
+                run = await self.store.claim(conn, self.id, self._claimable)
+        except psycopg.OperationalError as exc:
+            self.log.warning("claim_failed", error=str(exc).strip().splitlines()[0])
+            return False  # the listener's reconnect wakes us again
+        if run is None:
+            return False
+        self._start_run(run)
+        return True
 
     def _start_run(self, run: ClaimedRun) -> None:
         env = RunEnv(store=self.store, connect=self._connect, log=self.log, stopping=self._stopping)
@@ -415,25 +427,33 @@ class Worker:
         return "running" if self._runs else "idle"
 
     async def _heartbeat(self) -> None:
+        """Beat every heartbeat_interval on a fixed deadline, and write state
+        changes as they happen. State changes never push the deadline back: a
+        busy worker must keep beating, or others would take its live runs."""
+        loop = asyncio.get_running_loop()
         interval = self.settings.heartbeat_interval
+        next_beat = loop.time() + interval
         last_state = ""
         while True:
-            timed_out = not await wait_event(self._state_changed, interval)
+            await wait_event(self._state_changed, max(0.0, next_beat - loop.time()))
             self._state_changed.clear()
+            due = loop.time() >= next_beat
+            if due:
+                next_beat = loop.time() + interval
             if not self._db_up.is_set():
                 continue
             state = self._state()
             try:
                 async with self._connect() as conn:
-                    if timed_out or state != last_state:
+                    if due or state != last_state:
                         await self.store.heartbeat(conn, self.id, state)
                         last_state = state
-                    if timed_out:
+                    if due:
                         await self._recover(conn)
             except psycopg.OperationalError as exc:
                 self.log.warning("heartbeat_failed", error=str(exc).strip().splitlines()[0])
                 continue
-            if timed_out and state != "draining":
+            if due and state != "draining":
                 self._wake.set()  # safety net: a missed wake-up costs one interval at most
             if state != "draining":
                 self._sd_status(state)

@@ -177,3 +177,41 @@ def test_reconnects_after_the_server_restarts(tmp_path, daemons):
             what="durable trigger served after reconnect",
         )
         assert daemon.stop() == 0
+
+
+def test_a_command_step_stopped_by_the_drain_requeues_its_run(database_url, tmp_path, start):
+    jobs = """
+[jobs.cmd]
+steps = [{ command = ["sleep", "30"] }]
+"""
+    daemon = start(write_config(tmp_path / "c.toml", database_url, jobs))
+    execute(database_url, "NOTIFY sync_trigger, 'cmd'")
+    run_id = running_run(database_url, "cmd")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(timeout=20) == 0
+    assert status_of(database_url, run_id) == "pending"
+    steps = query(
+        database_url, "SELECT status, error FROM syncworker.run_steps WHERE run_id = %s", (run_id,)
+    )
+    assert steps == [("cancelled", "stopped by shutdown")]
+
+
+def test_a_busy_worker_keeps_beating_and_keeps_its_runs(database_url, tmp_path, start):
+    """State changes on every run must not postpone the heartbeat: a worker
+    whose heartbeat goes stale loses its live runs to orphan recovery."""
+    jobs = """
+[jobs.quick]
+scopes = ["a", "b", "c"]
+steps = ["sw_testjobs:plain"]
+"""
+    daemon = start(write_config(tmp_path / "c.toml", database_url, jobs, concurrency=2))
+    worst = 0.0
+    deadline = time.monotonic() + 4  # four heartbeat intervals of constant churn
+    while time.monotonic() < deadline:
+        execute(database_url, "SELECT * FROM syncworker.trigger('quick')")
+        [(age,)] = query(
+            database_url, "SELECT extract(epoch FROM now() - heartbeat_at) FROM syncworker.workers"
+        )
+        worst = max(worst, float(age))
+    assert worst < 2.5, f"heartbeat went {worst:.1f} s stale with heartbeat_interval = 1"
+    assert daemon.events("run_lost") == [] and daemon.events("run_recovered") == []
