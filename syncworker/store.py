@@ -9,7 +9,6 @@ worker that lost its run to orphan recovery cannot overwrite the outcome.
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -489,18 +488,6 @@ class Store:
                 self._compose("SELECT " + RUN_COLUMNS + " FROM {s}.runs WHERE id = %s"), (run_id,)
             )
             return await cur.fetchone()
-
-
-def event_json(event: str, row: Mapping[str, Any]) -> str:
-    return json.dumps(
-        {
-            "event": event,
-            "run_id": row["id"],
-            "job": row["job"],
-            "scope": row["scope"],
-            "status": row["status"],
-        }
-    )
 
 
 _REGISTER_JOB = """
