@@ -3,12 +3,19 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/hello/syncworker.toml
+# The benchmark's own venv: procrastinate and the profilers never become
+# dependencies of syncworker.
+BENCH_VENV ?= .venv-bench
+BENCH_BIN  := $(BENCH_VENV)/bin
+QUICK      ?=
 
-.PHONY: help install run test lint typecheck check clean
+.PHONY: help install run test soak lint typecheck check clean bench bench-install
 
 help:
 	@echo "make run        start a worker on a throwaway embedded PostgreSQL with the example job"
 	@echo "make test       lint, type-check and run the whole test suite (own PostgreSQL)"
+	@echo "make soak       3 workers, 50 triggers/s, random kill -9 and restarts for 10 min (SYNCWORKER_SOAK_SECONDS)"
+	@echo "make bench      latency, idle cost, cron, bursts, scale-out, fail-over vs procrastinate (~15 min; QUICK=1: ~1 min)"
 	@echo "make lint       ruff"
 	@echo "make typecheck  mypy --strict"
 
@@ -24,8 +31,8 @@ run: install
 	PYTHONPATH=examples/hello $(BIN)/syncworker run --config $(CONFIG) --embedded
 
 lint: install
-	$(BIN)/ruff check syncworker tests examples
-	$(BIN)/ruff format --check syncworker tests examples
+	$(BIN)/ruff check syncworker tests examples bench
+	$(BIN)/ruff format --check syncworker tests examples bench
 
 typecheck: install
 	$(BIN)/mypy
@@ -33,5 +40,22 @@ typecheck: install
 test: lint typecheck
 	$(BIN)/pytest
 
+# Not part of `make test`: ten minutes of chaos, then the invariants.
+soak: install
+	$(BIN)/pytest -m soak -s --timeout=3600 tests/test_soak.py
+
+$(BENCH_BIN)/procrastinate: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_BIN)/pip install --quiet --upgrade pip
+	$(BENCH_BIN)/pip install --quiet -e '.[embedded]' procrastinate psutil py-spy
+	@touch $@
+
+bench-install: $(BENCH_BIN)/procrastinate
+
+# Not part of `make test`: real workers on their own PostgreSQL (or
+# $$SYNCWORKER_BENCH_DATABASE_URL); prints the table, writes bench/results/latest.json.
+bench: bench-install
+	$(BENCH_BIN)/python -m bench.run $(if $(QUICK),--quick)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -2,12 +2,13 @@
 
 Exit codes: 0 ok; 1 a run failed (trigger --wait) or an unexpected error;
 2 timeout (trigger --wait) or bad usage; 69 database unreachable (EX_UNAVAILABLE);
-78 configuration error (EX_CONFIG).
+77 the database role lacks a privilege (EX_NOPERM); 78 configuration error (EX_CONFIG).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -22,21 +23,30 @@ import typer
 from syncworker import schedule
 from syncworker.api import TriggerError, trigger_sync
 from syncworker.config import ConfigError, Settings, config_path, load_config
-from syncworker.logs import make_logger, redact
+from syncworker.logs import forward_library_logs, make_logger, redact
+from syncworker.progress import TERMINAL, ProgressView
 from syncworker.status import render, to_json
 from syncworker.steps import resolve_job_steps
 from syncworker.store import Store
 from syncworker.version import VERSION
 
 EX_UNAVAILABLE = 69
+EX_NOPERM = 77
 EX_CONFIG = 78
-TERMINAL = ("succeeded", "failed", "cancelled", "skipped")
+# trigger --wait re-reads its runs this often in case an event was missed,
+# and redraws a terminal's progress lines this often for their elapsed times.
+_REREAD_EVERY = 5.0
+_REDRAW_EVERY = 0.25
+# status --watch redraws at most this often, however many events arrive.
+_WATCH_DEBOUNCE = 0.5
 T = TypeVar("T")
 _NOT_SET_UP = "schema {!r} is not set up: run `syncworker migrate`"
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # A traceback's locals would print the settings, database password included.
+    pretty_exceptions_show_locals=False,
     help="A PostgreSQL-coordinated sync daemon: cron schedules + NOTIFY triggers.",
 )
 
@@ -75,6 +85,12 @@ def _settings(config: Path | None, database_url: str | None, *, required: bool) 
         _fail(EX_CONFIG, f"config error: {exc}")
     if database_url:
         settings = settings.model_copy(update={"database_url": database_url})
+    try:
+        # A malformed URL is a config error, said once: libpq's own message
+        # would quote the whole URL, password included, on every retry.
+        psycopg.conninfo.conninfo_to_dict(settings.database_url)
+    except psycopg.ProgrammingError:
+        _fail(EX_CONFIG, "config error: database_url: not a valid connection URL or string")
     return settings
 
 
@@ -91,7 +107,19 @@ def _run_async(coro: Callable[[], Awaitable[T]]) -> T:
     async def wrapper() -> T:
         return await coro()
 
-    return asyncio.run(wrapper())
+    try:
+        return asyncio.run(wrapper())
+    except ConfigError as exc:  # found only against the database: a scopes_sql
+        _fail(EX_CONFIG, f"config error: {exc}")
+    except psycopg.errors.InsufficientPrivilege as exc:
+        reason = str(exc).strip().splitlines()[0]
+        _fail(
+            EX_NOPERM,
+            f"permission denied: {reason} (the roles each command needs:"
+            " README, 'Least-privilege roles')",
+        )
+    except psycopg.OperationalError as exc:
+        _fail(EX_UNAVAILABLE, f"lost the database: {str(exc).strip()}")
 
 
 @app.command()
@@ -127,11 +155,18 @@ def run(
         )
     try:
         log = make_logger(settings.log_level, settings.log_format)
+        forward_library_logs(log)
         try:
-            worker = Worker(settings, log=log, config_source=str(config_path(config)))
+            worker = Worker(
+                settings,
+                log=log,
+                config_source=str(config_path(config)),
+                load=lambda: load_config(config, required=True),
+            )
+            # Raised from inside too: the `http` address is bound at start.
+            asyncio.run(_serve(worker))
         except ConfigError as exc:
             _fail(EX_CONFIG, f"config error: {exc}")
-        asyncio.run(_serve(worker))
     finally:
         if server is not None:
             server.close()
@@ -141,10 +176,11 @@ async def _serve(worker: Any) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
+    loop.add_signal_handler(signal.SIGHUP, worker.reload)
     try:
         await worker.run()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
@@ -231,67 +267,131 @@ async def _wait_for_runs(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     wanted = set(ids)
-    shown: dict[int, str] = {}
-    while True:
-        rows = {i: await store.read_run(conn, i) for i in wanted}
-        for run_id, row in rows.items():
-            if row is not None and shown.get(run_id) != row["status"]:
-                shown[run_id] = row["status"]
-                if not quiet:
-                    typer.echo(_progress_line(row), err=True)
-        if all(r is not None and r["status"] in TERMINAL for r in rows.values()):
-            return [rows[i] for i in ids if rows[i] is not None]  # type: ignore[misc]
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return None
-        # Woken by the next event about one of our runs; re-read at least every
-        # 5 s in case an event was missed while the connection was busy.
-        async for notify in conn.notifies(timeout=min(remaining, 5.0)):
-            try:
-                event = json.loads(notify.payload)
-            except ValueError:
+    view = None if quiet else ProgressView(sys.stderr, ids, live=sys.stderr.isatty())
+    rows: dict[int, dict[str, Any] | None] = {}
+    stale = set(wanted)
+    reread_at = loop.time() + _REREAD_EVERY
+    try:
+        while True:
+            for run_id in sorted(stale):
+                rows[run_id] = row = await store.read_run(conn, run_id)
+                if row is not None and view is not None:
+                    view.row(row)
+            stale.clear()
+            if view is not None:
+                view.refresh()
+            if all(r is not None and r["status"] in TERMINAL for r in rows.values()):
+                return [r for i in ids if (r := rows[i]) is not None]
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            if loop.time() >= reread_at:
+                # A safety net, not the driver: re-read every run now and then
+                # in case an event was missed while the connection was busy.
+                stale = set(wanted)
+                reread_at = loop.time() + _REREAD_EVERY
                 continue
-            if event.get("run_id") in wanted:
-                break
-
-
-def _progress_line(row: dict[str, Any]) -> str:
-    scope = f"/{row['scope']}" if row["scope"] else ""
-    text = f"run {row['id']} {row['job']}{scope}: {row['status']}"
-    if row["records_total"]:
-        text += f" {row['records_processed']}/{row['records_total']}"
-    elif row["records_processed"]:
-        text += f" {row['records_processed']} records"
-    if row["error"]:
-        text += f" ({row['error'].splitlines()[0][:200]})"
-    return text
+            # Each pass takes one batch of notifications whole (stop_after=1
+            # still yields all of a batch), since breaking out of notifies()
+            # mid-batch would drop the rest. A terminal wakes up more often,
+            # so the elapsed times it shows keep moving.
+            wake = _REDRAW_EVERY if view is not None and view.live else _REREAD_EVERY
+            wait = min(remaining, wake, max(reread_at - loop.time(), 0.0))
+            async for notify in conn.notifies(timeout=wait, stop_after=1):
+                try:
+                    event = json.loads(notify.payload)
+                    run_id = event["run_id"]
+                except (ValueError, TypeError, KeyError):
+                    continue
+                if not isinstance(run_id, int) or run_id not in wanted:
+                    continue
+                if event.get("event") == "run_progress":
+                    if view is not None:
+                        view.event(event)
+                else:
+                    stale.add(run_id)  # a status change: the row tells the rest
+            if view is not None:
+                view.refresh()
+    finally:
+        if view is not None:
+            view.close()
 
 
 @app.command()
 def status(
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (one line per refresh).")
+    ] = False,
     limit: Annotated[int, typer.Option(min=1, help="How many recent runs.")] = 20,
     job: Annotated[str | None, typer.Option("--job", help="Only this job.")] = None,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Refresh at each run event until Ctrl-C."),
+    ] = False,
+    interval: Annotated[
+        float,
+        typer.Option(min=0.1, help="With --watch: refresh at least this often, in seconds."),
+    ] = 2.0,
     config: ConfigOpt = None,
     database_url: DatabaseOpt = None,
 ) -> None:
     """Workers, jobs, recent runs and a summary."""
     settings = _settings(config, database_url, required=False)
+    store = Store(settings.schema, settings.events_channel)
 
-    async def read() -> dict[str, Any]:
+    async def read(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
+        try:
+            return await store.read_status(conn, limit=limit, job=job)
+        except psycopg.errors.UndefinedTable:
+            _fail(EX_CONFIG, _NOT_SET_UP.format(settings.schema))
+
+    async def once() -> dict[str, Any]:
         conn = await _connect(settings)
         async with conn:
-            try:
-                return await Store(settings.schema, settings.events_channel).read_status(
-                    conn, limit=limit, job=job
-                )
-            except psycopg.errors.UndefinedTable:
-                _fail(
-                    EX_CONFIG, f"schema {settings.schema!r} is not set up: run `syncworker migrate`"
-                )
+            return await read(conn)
 
-    data = _run_async(read)
-    typer.echo(to_json(data) if as_json else render(data))
+    if not watch:
+        data = _run_async(once)
+        typer.echo(to_json(data) if as_json else render(data))
+        return
+    live = sys.stdout.isatty()
+
+    def show(data: dict[str, Any]) -> None:
+        if as_json:
+            typer.echo(to_json(data, indent=None))
+            return
+        stamp = f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S}Z"
+        if live:
+            # Home and clear, then the table: the screen shows only the latest.
+            typer.echo(f"\x1b[H\x1b[2J{stamp}  every {interval:g}s, Ctrl-C to stop\n")
+        else:
+            typer.echo(f"--- {stamp} ---")
+        typer.echo(render(data) + ("" if live else "\n"))
+
+    async def follow() -> None:
+        conn = await _connect(settings)
+        async with conn:
+            await conn.execute(
+                psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(settings.events_channel))
+            )
+            loop = asyncio.get_running_loop()
+            while True:
+                # Events already here are covered by the read that follows.
+                async for _ in conn.notifies(timeout=0):
+                    pass
+                show(await read(conn))
+                shown_at = loop.time()
+                woken = False
+                async for _ in conn.notifies(timeout=interval, stop_after=1):
+                    woken = True
+                if woken:
+                    # Debounce: a busy worker publishes many events a second,
+                    # and a redraw per event would only flicker.
+                    await asyncio.sleep(max(shown_at + _WATCH_DEBOUNCE - loop.time(), 0.0))
+
+    # Ctrl-C is how a watch ends: exit 0, not click's "Aborted!" and 1.
+    with contextlib.suppress(KeyboardInterrupt):
+        _run_async(follow)
 
 
 @app.command()
@@ -340,7 +440,7 @@ def migrate(config: ConfigOpt = None, database_url: DatabaseOpt = None) -> None:
         async with conn:
             store = Store(settings.schema, settings.events_channel)
             before = await store.migrate(conn)
-            await store.setup(conn, settings.jobs)
+            await store.setup(conn, settings.jobs, str(config_path(config)))
             return before
 
     applied = _run_async(go)

@@ -6,6 +6,7 @@ variable), the key and the reason; the CLI turns it into exit code 78.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -32,9 +33,11 @@ from syncworker.schedule import ScheduleError, load_zone, validate_expression
 
 ENV_PREFIX = "SYNCWORKER_"
 DEFAULT_PATH = Path("syncworker.toml")
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_JOB_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
-_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_JOB_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
+_CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
 
 
 _STEP_TAGS = ("callable", "command", "sql")
@@ -89,12 +92,12 @@ StepSpec = Annotated[
 
 
 class JobConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     schedule: tuple[str, ...] = ()
     timezone: str = "UTC"
     scopes: tuple[str, ...] | None = None
-    scopes_sql: str | None = None
+    scopes_sql: str | None = Field(default=None, min_length=1)
     steps: tuple[StepSpec, ...] = Field(min_length=1)
     timeout: float = Field(default=3600, gt=0)
     retries: int = Field(default=0, ge=0, le=100)
@@ -143,7 +146,7 @@ class JobConfig(BaseModel):
     @classmethod
     def _valid_callables(cls, value: tuple[StepSpec, ...]) -> tuple[StepSpec, ...]:
         for step in value:
-            if isinstance(step, str) and not _CALLABLE.match(step):
+            if isinstance(step, str) and not _CALLABLE.fullmatch(step):
                 raise ValueError(f"step {step!r} must look like 'package.module:function'")
         return value
 
@@ -170,7 +173,9 @@ with warnings.catch_warnings():
 class Settings(_SchemaField):
     """The whole configuration, after the file and the environment are merged."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, allow_inf_nan=False
+    )
 
     database_url: str = ""
     channel: str = "sync_trigger"
@@ -180,6 +185,9 @@ class Settings(_SchemaField):
     heartbeat_interval: float = Field(default=10, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    # Finished runs older than this are deleted (0 keeps them forever).
+    history_days: float = Field(default=30, ge=0)
+    http: str = ""
     jobs: dict[str, JobConfig] = Field(default_factory=dict)
 
     @classmethod
@@ -197,23 +205,69 @@ class Settings(_SchemaField):
     @field_validator("channel", "events_channel", "schema")
     @classmethod
     def _identifier(cls, value: str) -> str:
-        if not _IDENT.match(value):
+        if not _IDENT.fullmatch(value):
             raise ValueError(
                 f"{value!r} must be a letter or underscore followed by up to 62 "
                 "letters, digits or underscores"
             )
         return value
 
+    @field_validator("schema")
+    @classmethod
+    def _schema_fits_wake_channel(cls, value: str) -> str:
+        # trigger() notifies "<schema>_wake", and channel names stop at 63 bytes.
+        if len(value) > 58:
+            raise ValueError(f"{value!r} is longer than 58 characters")
+        return value
+
+    @field_validator("http")
+    @classmethod
+    def _http_address(cls, value: str) -> str:
+        if value:
+            http_address(value)
+        return value
+
     @field_validator("jobs")
     @classmethod
     def _job_names(cls, value: dict[str, JobConfig]) -> dict[str, JobConfig]:
         for name in value:
-            if not _JOB_NAME.match(name):
+            if not _JOB_NAME.fullmatch(name):
                 raise ValueError(
                     f"job name {name!r} must be 1 to 128 letters, digits or _ . : - "
                     "(not starting with a punctuation mark)"
                 )
         return value
+
+
+def http_address(value: str) -> tuple[str, int]:
+    """Split an `http` value, "host:port" or "[ipv6]:port", into what bind() takes."""
+    example = "e.g. 127.0.0.1:9187 or [::1]:9187"
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or "/" in value:
+        raise ValueError(f"{value!r} must be host:port (no scheme or path), {example}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not a host name or IP address") from None
+        raise ValueError(f"{value!r}: put an IPv6 address in brackets, {example}")
+    elif len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"{value!r}: {host!r} is not a host name or IP address")
+    elif re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an IPv4 address") from None
+    # isascii: str.isdigit() also takes other scripts' digits, which int() reads.
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise ValueError(f"{value!r}: the port must be 1 to 65535")
+    return host, int(port)
 
 
 def config_path(explicit: str | Path | None, environ: Mapping[str, str] | None = None) -> Path:
@@ -245,6 +299,10 @@ def load_config(
                 data = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(str(file), "", f"invalid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(str(file), "", f"invalid TOML: not UTF-8 ({exc.reason})") from None
+        except RecursionError:
+            raise ConfigError(str(file), "", "invalid TOML: nested too deeply") from None
         except OSError as exc:
             raise ConfigError(str(file), "", f"cannot read: {exc.strerror}") from None
     elif required or path is not None:
@@ -257,6 +315,11 @@ def load_config(
 
 def validate_config(data: Mapping[str, Any], source: str = "<config>") -> Settings:
     """Validate already-parsed settings (and the environment) into Settings."""
+    for key in data:
+        # Exact names only: pydantic-settings would take `_env_prefix` and the
+        # like as its own options, and match other keys ignoring case.
+        if key not in Settings.model_fields:
+            raise ConfigError(source, key, "unknown key")
     try:
         settings = Settings(**data)
     except ValidationError as exc:
@@ -267,7 +330,8 @@ def validate_config(data: Mapping[str, Any], source: str = "<config>") -> Settin
         field = match.group(1) if match else ""
         where = f"{ENV_PREFIX}{field.upper()}" if field else "environment"
         raise ConfigError(where, field, "not valid JSON") from None
-    if not settings.database_url and "database_url" not in data:
+    # Empty means unset, however it came (README: "When it is empty").
+    if not settings.database_url:
         fallback = os.environ.get("DATABASE_URL", "")
         if fallback:
             settings = settings.model_copy(update={"database_url": fallback})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +13,7 @@ import psycopg
 from structlog.typing import FilteringBoundLogger
 
 from syncworker.counters import COUNTERS, Counters
+from syncworker.mirror import DEFAULT_BATCH_SIZE, MirrorResult, Rows, mirror
 
 ConnectionFactory = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 
@@ -95,6 +96,49 @@ class SyncContext:
         """A connection to the application database, returned when the block ends."""
         async with self._connect() as conn:
             yield conn
+
+    async def mirror(
+        self,
+        table: str | Sequence[str],
+        rows: Rows,
+        *,
+        key: Sequence[str],
+        scope_column: str | None = None,
+        delete_missing: bool = False,
+        changes_table: str | Sequence[str] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> MirrorResult:
+        """Make `table` hold `rows` in one transaction and count what changed
+        (see syncworker.mirror). With `scope_column`, only this run's scope."""
+        async with self.connection() as conn:
+            result = await mirror(
+                conn,
+                table,
+                rows,
+                key=key,
+                scope=self.scope,
+                scope_column=scope_column,
+                delete_missing=delete_missing,
+                changes_table=changes_table,
+                batch_size=batch_size,
+                run_id=self.run_id,
+            )
+        # Counted once committed: a rolled-back mirror changed nothing.
+        self.count(
+            processed=result.processed,
+            inserted=result.inserted,
+            updated=result.updated,
+            deleted=result.deleted,
+        )
+        self.log.info(
+            "mirror_done",
+            table=table if isinstance(table, str) else ".".join(table),
+            inserted=result.inserted,
+            updated=result.updated,
+            unchanged=result.unchanged,
+            deleted=result.deleted,
+        )
+        return result
 
     def snapshot(self) -> tuple[Counters, Counters]:
         """Copies of (run, step) counters, taken under the lock."""

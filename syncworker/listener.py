@@ -70,15 +70,44 @@ async def listen_forever(
                     disconnected_since = None
                 on_state(True)
                 while True:
-                    async for notify in conn.notifies(timeout=ping_every):
+                    # timeout=0: what earlier statements read (psycopg keeps
+                    # it aside) and what the socket holds now, without waiting.
+                    async for notify in conn.notifies(timeout=0):
                         await on_notify(notify)
-                    # Quiet for a while: prove the session is still there.
-                    await conn.execute("SELECT 1")
+                    if not await _readable(conn, ping_every):
+                        # Quiet for a while: prove the session is still there.
+                        await conn.execute("SELECT 1")
         except psycopg.OperationalError as exc:
             if disconnected_since is None:
                 disconnected_since = loop.time()
                 on_state(False)
                 log.warning("db_disconnected", error=_first_line(exc))
+
+
+async def _readable(conn: psycopg.AsyncConnection[Any], timeout: float) -> bool:
+    """Wait until the session has something to read, or `timeout`.
+
+    The wait of psycopg's notifies() wakes every 0.1 s to look for an
+    interrupt: ten wake-ups a second, which were most of an idle worker's
+    CPU time. This one sleeps until the socket is readable.
+    """
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    fd = conn.fileno()
+    loop.add_reader(fd, wake)
+    try:
+        async with asyncio.timeout(timeout):
+            await ready
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
 
 
 def _first_line(exc: BaseException) -> str:

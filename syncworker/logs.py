@@ -22,6 +22,8 @@ _SECRET_KEYS = ("password", "secret", "token", "database_url", "dsn", "conninfo"
 
 def redact(text: str) -> str:
     """Hide passwords in connection URLs and key=value connection strings."""
+    if "@" not in text and "=" not in text:
+        return text  # neither pattern can match: spares two regex scans per value logged
     text = _URL_PASSWORD.sub(r"\g<head>***@", text)
     return _KV_PASSWORD.sub(r"\g<head>***", text)
 
@@ -62,3 +64,32 @@ def make_logger(
         cache_logger_on_first_use=True,
     )
     return logger
+
+
+class _Forward(logging.Handler):
+    """Hands a library's stdlib log records to the worker's structlog logger."""
+
+    def __init__(self, log: FilteringBoundLogger) -> None:
+        super().__init__()
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._log.log(
+                record.levelno, "library_log", logger=record.name, message=record.getMessage()
+            )
+        except Exception:  # a log line must never take the worker down
+            self.handleError(record)
+
+
+def forward_library_logs(log: FilteringBoundLogger, name: str = "psycopg") -> None:
+    """Route `name`'s stdlib logging (psycopg_pool's connection errors) into
+    the worker's event stream, redacted and in its format, instead of
+    Python's last-resort handler printing plain text among the JSON lines.
+
+    For the `syncworker run` process only: a host program that embeds the
+    worker owns its logging set-up.
+    """
+    target = logging.getLogger(name)
+    target.addHandler(_Forward(log))
+    target.propagate = False

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import psycopg
 from structlog.typing import FilteringBoundLogger
 
-from syncworker.aio import wait_event
+from syncworker.aio import cancel_and_wait, wait_event
 from syncworker.config import JobConfig
 from syncworker.context import StopRequest, SyncContext
 from syncworker.counters import Counters
@@ -32,6 +32,10 @@ Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]
 # before giving up; orphan recovery settles whatever is left.
 _PERSIST_FOR = 60.0
 _ERROR_LIMIT = 4000
+# The most often a running step's counters reach the runs row and its
+# run_progress event: followers get a live view, the database and the events
+# channel a bounded load however fast a step counts.
+PROGRESS_INTERVAL = 1.0
 
 
 class _Interrupted(Exception):
@@ -44,6 +48,13 @@ class RunEnv:
     connect: Connect
     log: FilteringBoundLogger
     stopping: asyncio.Event
+    # Set by the worker, before it cancels the run, when the database shows
+    # the run is no longer this worker's: nothing may be written for it.
+    lost: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    # Set once the run starts writing its outcome (fenced itself): from then
+    # on the run may leave `running` by its own hand, so the worker's fence
+    # check must leave it alone.
+    settling: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], env: RunEnv) -> str:
@@ -62,7 +73,10 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
         except _Interrupted:
             return await _requeue(run, env, log, "interrupted by shutdown")
         except asyncio.CancelledError:
-            await _requeue(run, env, log, "cancelled by shutdown")
+            if env.lost.is_set():
+                log.warning("run_lost", reason="another worker took the run over")
+            else:
+                await _requeue(run, env, log, "cancelled by shutdown")
             raise
         except Exception as exc:
             error = _describe(exc, job)
@@ -89,7 +103,7 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
         if not await _persist(log, functools.partial(env.store.next_attempt, run=run), env):
             log.warning("run_lost", reason="another worker took the run over")
             return "lost"
-        run = dataclasses.replace(run, attempt=run.attempt + 1)
+        run = dataclasses.replace(run, attempt=run.attempt + 1, first_step_id=None)
 
 
 async def _attempt(
@@ -115,10 +129,17 @@ async def _attempt(
                 _connect=env.connect,
                 _run_counters=counters,
             )
-            async with env.connect() as conn:
-                step_id = await env.store.step_started(conn, run, position, step.name)
-                await env.store.progress(conn, run, counters, step.name)
+            if position == 0 and run.first_step_id is not None:
+                step_id = run.first_step_id  # the claim wrote this step's start
+            else:
+                async with env.connect() as conn:
+                    step_id = await env.store.step_started(conn, run, position, step.name, counters)
             log.debug("step_started", step=step.name, position=position)
+            step_over = asyncio.Event()
+            flusher = asyncio.create_task(
+                _flush_progress(run, env, log, ctx, step.name, step_over),
+                name=f"progress-{run.id}",
+            )
             status, error = "succeeded", None
             try:
                 await step.run(ctx)
@@ -134,6 +155,7 @@ async def _attempt(
                 status, error = "failed", _describe(exc, job)
                 raise
             finally:
+                await _stop_flushing(flusher, step_over)
                 _, step_counters = ctx.snapshot()
                 write = functools.partial(
                     env.store.step_finished,
@@ -150,6 +172,52 @@ async def _attempt(
                 raise _Interrupted
 
 
+async def _flush_progress(
+    run: ClaimedRun,
+    env: RunEnv,
+    log: FilteringBoundLogger,
+    ctx: SyncContext,
+    step: str,
+    done: asyncio.Event,
+) -> None:
+    """While a step runs, publish its run's counters when they changed, at
+    most every PROGRESS_INTERVAL, until `done` is set.
+
+    Progress is best effort: a failed write is logged and tried again at the
+    next tick, and never fails the run. The first flush, a second into the
+    step, publishes even unchanged counters, since the step-start write that
+    named the step was silent.
+    """
+    last: dict[str, Any] | None = None
+    failing = False
+    while not await wait_event(done, PROGRESS_INTERVAL):
+        counters, _ = ctx.snapshot()
+        state = counters.as_params()
+        if state == last:
+            continue
+        try:
+            async with env.connect() as conn:
+                owned = await env.store.progress(conn, run, counters, step, publish=True)
+        except Exception as exc:
+            # Said once per outage: the run's own writes report the rest.
+            (log.debug if failing else log.warning)("progress_write_failed", error=str(exc))
+            failing = True
+            continue
+        if not owned:
+            return  # fenced: the run is another worker's now
+        last, failing = state, False
+
+
+async def _stop_flushing(flusher: asyncio.Task[None], done: asyncio.Event) -> None:
+    done.set()
+    # A write in flight takes milliseconds: let it land rather than cancel it
+    # mid-statement, which costs psycopg a cancel request to the server. It
+    # must be over before the step's end is written, or a late flush could
+    # put back the name of a step that has ended over the next one's.
+    await asyncio.wait({flusher}, timeout=PROGRESS_INTERVAL)
+    await cancel_and_wait([flusher])
+
+
 async def _finish(
     run: ClaimedRun,
     env: RunEnv,
@@ -159,6 +227,7 @@ async def _finish(
     error: str | None,
     seconds: float,
 ) -> None:
+    env.settling.set()
     owned = await _persist(log, lambda c: env.store.finish(c, run, status, counters, error), env)
     if not owned:
         log.warning("run_lost", reason="another worker took the run over", outcome=status)
@@ -177,15 +246,20 @@ async def _requeue(run: ClaimedRun, env: RunEnv, log: FilteringBoundLogger, reas
     async def write() -> str | None:
         return await _persist(log, lambda c: env.store.requeue(c, run, reason), env, limit=10.0)
 
+    env.settling.set()
+
     task = asyncio.ensure_future(write())
-    try:
-        status = await asyncio.shield(task)
-    except asyncio.CancelledError:
-        status = await task
-        raise
-    finally:
-        log.info("run_cancelled", reason=reason, status=status or "lost")
-    return status or "lost"
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True  # a repeated cancel must not abandon the write either
+    status = task.result() or "lost"
+    log.info("run_cancelled", reason=reason, status=status)
+    if cancelled:
+        raise asyncio.CancelledError
+    return status
 
 
 async def _persist(

@@ -38,7 +38,8 @@ def validate_expression(expr: str) -> str:
 def load_zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    # A folder of tzdata ("America") or an over-long name surfaces as OSError.
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
         raise ScheduleError(f"unknown time zone {name!r}") from exc
 
 

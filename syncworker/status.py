@@ -9,8 +9,8 @@ from decimal import Decimal
 from typing import Any
 
 
-def to_json(status: Mapping[str, Any]) -> str:
-    return json.dumps(status, default=_jsonable, indent=2)
+def to_json(status: Mapping[str, Any], *, indent: int | None = 2) -> str:
+    return json.dumps(status, default=_jsonable, indent=indent)
 
 
 def _jsonable(value: Any) -> Any:

@@ -8,22 +8,42 @@ import importlib
 import inspect
 import json
 import os
+import re
 import signal
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import psycopg
 from psycopg.types.json import Jsonb
 
 from syncworker.config import CommandStep, ConfigError, JobConfig, SqlStep, StepSpec
 from syncworker.context import SyncContext
+from syncworker.counters import COUNTERS
 
 T = TypeVar("T")
 StepFn = Callable[[SyncContext], Awaitable[None]]
+
+# Seconds a command gets between SIGTERM and SIGKILL when the job's timeout
+# (or anything but a drain) ends it. A drain sends SIGTERM when it starts, so
+# there `drain_timeout` is the grace. Long enough to close files and roll
+# back, short enough that a hung command cannot stretch a timeout much.
+KILL_GRACE = 5.0
 _STDERR_TAIL = 20
-_COUNTER_PREFIX = "::syncworker "
+# Of the error column's budget, what the stderr tail may take: the last
+# lines are the telling ones, so it is cut from the front.
+_TAIL_CHARS = 3000
+# Longest output line kept whole; the rest of a longer line is dropped, so a
+# command writing megabytes without a newline cannot swell the logs or memory.
+_LINE_LIMIT = 8192
+_READ_CHUNK = 65536
+_COUNTER_LINE = re.compile(r"::syncworker(?:\s+(.*))?")
+# Counter values stay exact in JSON readers and far from bigint overflow.
+_COUNTER_MAX = 2**53
+_PLACEHOLDER = re.compile(r"\{(scope|job|run_id)\}")
+_SQL_COUNTED = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "COPY"})
 
 
 class StepFailed(Exception):
@@ -125,22 +145,55 @@ def _sql_step(spec: SqlStep) -> StepFn:
             "run_id": ctx.run_id,
             "payload": Jsonb(ctx.payload),
         }
-        async with ctx.connection() as conn, conn.transaction():
-            cur = await conn.execute(query, params)
-            if cur.rowcount > 0:
-                ctx.count(processed=cur.rowcount)
+        changed = 0
+        try:
+            # Client-side binding: the server's extended protocol takes one
+            # statement only, and a step is often several ("DELETE ...;
+            # INSERT ..."). Values are still quoted by psycopg, never pasted.
+            async with (
+                ctx.connection() as conn,
+                conn.transaction(),
+                psycopg.AsyncClientCursor(conn) as cur,
+            ):
+                await cur.execute(query, params)
+                while True:
+                    changed += _rows_changed(cur)
+                    if not cur.nextset():
+                        break
+        except psycopg.Error as exc:
+            # Raised after the transaction block: it is rolled back by now.
+            raise StepFailed(_sql_error(exc)) from None
+        if changed:
+            ctx.count(processed=changed)
 
     return run_sql
 
 
+def _rows_changed(cur: psycopg.AsyncClientCursor[Any]) -> int:
+    # A SELECT's row count is what it returned, not what the step did.
+    verb, _, _ = (cur.statusmessage or "").partition(" ")
+    return max(cur.rowcount, 0) if verb in _SQL_COUNTED else 0
+
+
+def _sql_error(exc: psycopg.Error) -> str:
+    """The server's own words: message, SQLSTATE, and its detail, hint and context."""
+    diag = exc.diag
+    if not diag.message_primary:
+        return str(exc).strip() or type(exc).__name__  # a client-side failure
+    parts = [f"{diag.message_primary} (SQLSTATE {diag.sqlstate})"]
+    for label, text in (
+        ("DETAIL", diag.message_detail),
+        ("HINT", diag.message_hint),
+        ("CONTEXT", diag.context),
+    ):
+        if text:
+            parts.append(f"{label}: {text.strip()}")
+    return "\n".join(parts)
+
+
 def _command_step(spec: CommandStep) -> StepFn:
     async def run_command(ctx: SyncContext) -> None:
-        values = {"{scope}": ctx.scope or "", "{job}": ctx.job, "{run_id}": str(ctx.run_id)}
-        argv = []
-        for arg in spec.command:
-            for placeholder, value in values.items():
-                arg = arg.replace(placeholder, value)
-            argv.append(arg)
+        argv = substitute(spec.command, ctx)
         env = {
             **os.environ,
             "SYNCWORKER_RUN_ID": str(ctx.run_id),
@@ -152,72 +205,206 @@ def _command_step(spec: CommandStep) -> StepFn:
             "SYNCWORKER_PAYLOAD": json.dumps(ctx.payload),
         }
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                start_new_session=True,  # its own process group, signalled as one
-            )
+            proc, exited = await _spawn(argv, env)
         except OSError as exc:
-            raise StepFailed(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+            raise StepFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+        group = _Group(proc)
         tail: deque[str] = deque(maxlen=_STDERR_TAIL)
         assert proc.stdout is not None and proc.stderr is not None
         readers = asyncio.gather(
             _pump(proc.stdout, "stdout", ctx, None), _pump(proc.stderr, "stderr", ctx, tail)
         )
-        terminator = asyncio.create_task(_terminate_on_stop(proc, ctx))
+        readers.add_done_callback(_consume)
+        terminator = asyncio.create_task(_terminate_on_stop(group, ctx))
         try:
-            await readers
-            code = await proc.wait()
+            await asyncio.shield(exited)
+            # A drain starting from now on did not cut it short: not seen.
+            terminator.cancel()
+            code = proc.returncode
+            assert code is not None
+            stopped = group.terminated  # by the drain, while it ran
+            # Whatever it left running in its group would outlive the step as
+            # an orphan, and would hold the output pipes open.
+            group.signal(signal.SIGTERM)
+            await asyncio.wait({readers}, timeout=KILL_GRACE)
+            group.signal(signal.SIGKILL)
+            # Only a process that left the group (setsid) can still hold a
+            # pipe now; its output is not worth hanging the run for.
+            await asyncio.wait({readers}, timeout=1.0)
+            if not readers.done():
+                readers.cancel()
+                ctx.log.warning("step_output_abandoned", reason="output still open after exit")
         except asyncio.CancelledError:
-            _signal_group(proc, signal.SIGKILL)
-            readers.cancel()
+            try:
+                await _halt(group, exited, readers)
+            finally:
+                readers.cancel()
             raise
         finally:
             terminator.cancel()
+        if stopped:
+            # Even after a clean exit: it was cut short, so the run is redone
+            # and the step recorded as stopped (see the README's drain rule).
+            raise StepFailed(f"stopped by shutdown ({_exit_error(code, tail)})")
         if code != 0:
-            detail = "\n".join(tail)
-            raise StepFailed(f"exit code {code}" + (f": {detail}" if detail else ""))
+            raise StepFailed(_exit_error(code, tail))
 
     return run_command
+
+
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Tells when the process itself exits. Process.wait() waits for its
+    output pipes to close as well, which a child left in the background
+    holds open for as long as it lives."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+async def _spawn(
+    argv: list[str], env: dict[str, str]
+) -> tuple[asyncio.subprocess.Process, asyncio.Future[None]]:
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.subprocess_exec(
+        lambda: _Protocol(limit=_READ_CHUNK, loop=loop),
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        start_new_session=True,  # its own process group, signalled as one
+    )
+    return asyncio.subprocess.Process(transport, protocol, loop), protocol.exited
+
+
+def substitute(args: Sequence[str], ctx: SyncContext) -> list[str]:
+    """Replace `{scope}`, `{job}` and `{run_id}` in one pass, so a value that
+    itself contains a placeholder arrives verbatim."""
+    values = {"scope": ctx.scope or "", "job": ctx.job, "run_id": str(ctx.run_id)}
+    return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in args]
+
+
+class _Group:
+    """A command's process group. Its id stays valid after the leader exits
+    for as long as anything it started is still in it."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.pgid = proc.pid
+        self.terminated = False
+
+    def signal(self, sig: signal.Signals) -> None:
+        if sig == signal.SIGTERM:
+            self.terminated = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, sig)
+
+
+async def _halt(group: _Group, exited: asyncio.Future[None], readers: asyncio.Future[Any]) -> None:
+    """Stop a command whose step is cancelled: SIGTERM, then SIGKILL after
+    KILL_GRACE, or at once when a drain already sent the SIGTERM (its grace
+    was `drain_timeout`) or another cancellation arrives meanwhile."""
+    try:
+        if not group.terminated:
+            group.signal(signal.SIGTERM)
+            await asyncio.wait({exited}, timeout=KILL_GRACE)
+    finally:
+        # Even when the leader is gone: its children are in the group too.
+        group.signal(signal.SIGKILL)
+    # Reaped rather than left a zombie, and its last words (what it logged
+    # on SIGTERM) read, but never at the cost of a further cancellation.
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait({exited, readers}, timeout=1.0, return_when=asyncio.ALL_COMPLETED)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    # The readers' outcome is awaited on success only; never warn about it.
+    if not future.cancelled():
+        future.exception()
+
+
+def _exit_error(code: int, tail: deque[str]) -> str:
+    text = f"exit code {code}"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            text += f" ({signal.Signals(-code).name})"
+    detail = "\n".join(tail)
+    if len(detail) > _TAIL_CHARS:
+        detail = "..." + detail[-_TAIL_CHARS:]
+    return text + (f": {detail}" if detail else "")
 
 
 async def _pump(
     stream: asyncio.StreamReader, name: str, ctx: SyncContext, tail: deque[str] | None
 ) -> None:
-    async for raw in stream:
-        line = raw.decode("utf-8", "replace").rstrip("\n")
-        if line.startswith(_COUNTER_PREFIX):
-            _apply_counter_line(line[len(_COUNTER_PREFIX) :], ctx)
-            continue
-        if tail is not None:
-            tail.append(line)
+    """Log each line of one output stream, reading in chunks: StreamReader's
+    line reader raises on a line over its 64 KiB limit."""
+    line = bytearray()
+    cut = False
+    while chunk := await stream.read(_READ_CHUNK):
+        pieces = chunk.split(b"\n")
+        for piece in pieces[:-1]:
+            line += piece
+            _emit(bytes(line[:_LINE_LIMIT]), cut or len(line) > _LINE_LIMIT, name, ctx, tail)
+            line.clear()
+            cut = False
+        line += pieces[-1]
+        if len(line) > _LINE_LIMIT:
+            del line[_LINE_LIMIT:]
+            cut = True
+    if line or cut:
+        _emit(bytes(line), cut, name, ctx, tail)
+
+
+def _emit(raw: bytes, cut: bool, name: str, ctx: SyncContext, tail: deque[str] | None) -> None:
+    line = raw.decode("utf-8", "replace").rstrip("\r")
+    match = _COUNTER_LINE.fullmatch(line)
+    if match:
+        _apply_counter_line(match.group(1) or "", ctx)
+        return
+    if tail is not None:
+        tail.append(line)
+    if cut:
+        ctx.log.info("step_output", stream=name, line=line, truncated=True)
+    else:
         ctx.log.info("step_output", stream=name, line=line)
 
 
 def _apply_counter_line(text: str, ctx: SyncContext) -> None:
+    """`{"inserted": 10, "total": 500}`: counters added, total set. All or
+    nothing: a line with one bad entry changes no counter."""
+    reason = None
     try:
         doc = json.loads(text)
-        if not isinstance(doc, dict):
-            raise ValueError("not an object")
-        total = doc.pop("total", None)
-        if total is not None:
-            ctx.total(int(total))
-        if doc:
-            ctx.count(**{k: int(v) for k, v in doc.items()})
-    except (ValueError, TypeError) as exc:
-        ctx.log.warning("step_counter_line_ignored", line=text[:200], reason=str(exc))
+    except ValueError as exc:
+        doc, reason = None, f"not JSON: {exc}"
+    if reason is None and not isinstance(doc, dict):
+        reason = "not a JSON object"
+    if reason is None:
+        assert isinstance(doc, dict)
+        for key, value in doc.items():
+            if key != "total" and key not in COUNTERS:
+                reason = f"unknown counter {key!r}; use total, {', '.join(COUNTERS)}"
+            elif type(value) is not int or not 0 <= value < _COUNTER_MAX:
+                reason = f"{key} must be a whole number from 0 to 2**53 - 1"
+            if reason:
+                break
+    if reason is not None:
+        ctx.log.warning("step_counter_line_ignored", line=text[:200], reason=reason)
+        return
+    total = doc.pop("total", None)
+    if total is not None:
+        ctx.total(total)
+    if doc:
+        ctx.count(**doc)
 
 
-async def _terminate_on_stop(proc: asyncio.subprocess.Process, ctx: SyncContext) -> None:
+async def _terminate_on_stop(group: _Group, ctx: SyncContext) -> None:
     # Waiting marks the request as seen: a command stopped by SIGTERM is redone.
     await ctx.stopping.wait()
-    _signal_group(proc, signal.SIGTERM)
-
-
-def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
+    group.signal(signal.SIGTERM)

@@ -21,7 +21,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from syncworker.config import JobConfig
+from syncworker.config import ConfigError, JobConfig
 from syncworker.counters import Counters
 
 RUN_COLUMNS = (
@@ -44,6 +44,8 @@ class ClaimedRun:
     attempt: int
     max_attempts: int
     worker_id: str
+    # The run_steps row of this attempt's first step, when the claim wrote it.
+    first_step_id: int | None = None
 
 
 async def fetch_scopes(conn: psycopg.AsyncConnection[Any], query: str) -> tuple[str, ...]:
@@ -89,10 +91,7 @@ class Store:
         self.q_requeue = q(_REQUEUE)
         self.q_next_attempt = q(_NEXT_ATTEMPT)
         self.q_progress = q(_PROGRESS)
-        self.q_step_start = q(
-            "INSERT INTO {s}.run_steps (run_id, attempt, position, name, status)"
-            " VALUES (%s, %s, %s, %s, 'running') RETURNING id"
-        )
+        self.q_step_start = q(_STEP_START)
         self.q_step_finish = q(_STEP_FINISH)
         self.q_claim_fire = q(
             "UPDATE {s}.jobs SET last_fire_at = %(fire)s"
@@ -100,6 +99,7 @@ class Store:
             " RETURNING name"
         )
         self.q_orphans = q(_ORPHANS)
+        self.q_prune = q(_PRUNE)
 
     def _compose(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(s=self._s)
@@ -112,7 +112,14 @@ class Store:
         async with conn.transaction():
             # One migrator at a time across instances starting together.
             await conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (self.lock_ns,))
-            await conn.execute(self._compose("CREATE SCHEMA IF NOT EXISTS {s}"))
+            # Not CREATE SCHEMA IF NOT EXISTS: PostgreSQL checks CREATE on the
+            # database even when the schema exists, and a least-privilege worker
+            # owns a schema a DBA made for it without that right.
+            cur = await conn.execute(
+                "SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)
+            )
+            if await cur.fetchone() is None:
+                await conn.execute(self._compose("CREATE SCHEMA {s}"))
             await conn.execute(
                 self._compose(
                     "CREATE TABLE IF NOT EXISTS {s}.migrations ("
@@ -136,18 +143,31 @@ class Store:
         return applied_now
 
     async def setup(
-        self, conn: psycopg.AsyncConnection[Any], jobs: Mapping[str, JobConfig]
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        jobs: Mapping[str, JobConfig],
+        source: str = "<config>",
     ) -> dict[str, tuple[str, ...] | None]:
         """Migrate, then register the jobs with their scopes (scopes_sql run now).
 
-        Returns each job's scopes as registered.
+        Returns each job's scopes as registered. A scopes_sql the database
+        refuses is a ConfigError naming the job's key (`source` is the file).
         """
         await self.migrate(conn)
         scopes: dict[str, tuple[str, ...] | None] = {}
         for name, job in jobs.items():
-            scopes[name] = (
-                await fetch_scopes(conn, job.scopes_sql) if job.scopes_sql else job.scopes
-            )
+            if not job.scopes_sql:
+                scopes[name] = job.scopes
+                continue
+            try:
+                scopes[name] = await fetch_scopes(conn, job.scopes_sql)
+            except psycopg.OperationalError:
+                raise  # the connection, not the query: callers wait it out
+            except psycopg.Error as exc:
+                reason = exc.diag.message_primary or str(exc).strip() or type(exc).__name__
+                raise ConfigError(
+                    source, f"jobs.{name}.scopes_sql", f"the query failed: {reason}"
+                ) from None
         await self.register_jobs(conn, jobs, scopes)
         return scopes
 
@@ -255,13 +275,26 @@ class Store:
     # -- runs ------------------------------------------------------------------
 
     async def claim(
-        self, conn: psycopg.AsyncConnection[Any], worker_id: str, jobs: Sequence[str]
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        worker_id: str,
+        jobs: Sequence[str],
+        first_steps: Mapping[str, str] | None = None,
     ) -> ClaimedRun | None:
-        """Take the oldest pending run whose key is not running anywhere."""
+        """Take the oldest pending run whose key is not running anywhere.
+
+        With `first_steps` (job -> name of its first step), the same statement
+        records the start of the run's first step, as step_started() would.
+        """
         try:
             cur = await conn.execute(
                 self.q_claim,
-                {"worker": worker_id, "jobs": list(jobs), "events": self.events_channel},
+                {
+                    "worker": worker_id,
+                    "jobs": list(jobs),
+                    "events": self.events_channel,
+                    "first": Jsonb(dict(first_steps or {})),
+                },
             )
         except psycopg.errors.UniqueViolation:
             # Another instance started a run of the same key between our
@@ -281,6 +314,7 @@ class Store:
             attempt=row[7],
             max_attempts=row[8],
             worker_id=worker_id,
+            first_step_id=row[10],
         )
 
     async def next_attempt(self, conn: psycopg.AsyncConnection[Any], run: ClaimedRun) -> bool:
@@ -295,11 +329,22 @@ class Store:
         run: ClaimedRun,
         counters: Counters,
         step: str | None,
-    ) -> None:
-        await conn.execute(
+        *,
+        publish: bool = False,
+    ) -> bool:
+        """Write the run's counters and current step if this worker still owns
+        the run; with `publish`, also send a `run_progress` event."""
+        cur = await conn.execute(
             self.q_progress,
-            {**self._fence(run), **counters.as_params(), "step": step},
+            {
+                **self._fence(run),
+                **counters.as_params(),
+                "step": step,
+                "events": self.events_channel,
+                "publish": publish,
+            },
         )
+        return await cur.fetchone() is not None
 
     async def finish(
         self,
@@ -336,9 +381,19 @@ class Store:
         return None if row is None else str(row[0])
 
     async def step_started(
-        self, conn: psycopg.AsyncConnection[Any], run: ClaimedRun, position: int, name: str
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        run: ClaimedRun,
+        position: int,
+        name: str,
+        counters: Counters,
     ) -> int:
-        cur = await conn.execute(self.q_step_start, (run.id, run.attempt, position, name))
+        """Record a step's start and name it the run's current step (with the
+        run's counters so far, fenced like progress()); returns its row id."""
+        cur = await conn.execute(
+            self.q_step_start,
+            {**self._fence(run), **counters.as_params(), "position": position, "step": name},
+        )
         row = await cur.fetchone()
         assert row is not None
         return int(row[0])
@@ -391,14 +446,21 @@ class Store:
 
     async def heartbeat(
         self, conn: psycopg.AsyncConnection[Any], worker_id: str, state: str
-    ) -> None:
-        await conn.execute(
+    ) -> set[int]:
+        """Record this worker's beat and state; returns the ids of the runs the
+        database still has `running` under this worker (its fence check)."""
+        cur = await conn.execute(
             self._compose(
-                "UPDATE {s}.workers SET heartbeat_at = now(), state = %s,"
-                " stopped_at = CASE WHEN %s = 'stopped' THEN now() END WHERE id = %s"
+                "UPDATE {s}.workers SET heartbeat_at = now(), state = %(state)s,"
+                " stopped_at = CASE WHEN %(state)s = 'stopped' THEN now() END"
+                " WHERE id = %(id)s"
+                " RETURNING (SELECT coalesce(array_agg(r.id), '{{}}') FROM {s}.runs r"
+                "            WHERE r.worker_id = %(id)s AND r.status = 'running')"
             ),
-            (state, state, worker_id),
+            {"state": state, "id": worker_id},
         )
+        row = await cur.fetchone()
+        return set(row[0]) if row is not None else set()
 
     async def recover_orphans(
         self,
@@ -427,6 +489,13 @@ class Store:
                 {"id": r[0], "job": r[1], "scope": r[2], "status": r[3]}
                 for r in await cur.fetchall()
             ]
+
+    async def prune_history(
+        self, conn: psycopg.AsyncConnection[Any], days: float, batch: int
+    ) -> int:
+        """Delete up to `batch` finished runs older than `days`; returns how many."""
+        cur = await conn.execute(self.q_prune, {"days": days, "batch": batch})
+        return cur.rowcount
 
     # -- reading -----------------------------------------------------------------
 
@@ -522,30 +591,45 @@ _EVENT = (
     " 'scope', r.scope, 'status', r.status)::text)"
 )
 
-# The pick is a MATERIALIZED CTE, evaluated exactly once: as a FROM
-# subquery the planner may rescan it once per outer row, and every rescan
-# of LIMIT 1 ... SKIP LOCKED picks (and this UPDATE claims) another run.
-_CLAIM = """
+# The pick, claimable() (sql/004: the oldest pending run whose key is not
+# running, FOR UPDATE SKIP LOCKED, found in id order whatever the statistics),
+# is a MATERIALIZED CTE, evaluated exactly once: as a FROM subquery the
+# planner may rescan it once per outer row, and every rescan of LIMIT 1 ...
+# SKIP LOCKED picks (and this UPDATE claims) another run.
+# started_at is clock_timestamp(), read while the row is written: now() is
+# the transaction's start, taken before the snapshot, so on a busy server it
+# can predate the finish of the run this claim saw end, and the run log would
+# show two runs of one key overlapping when they did not.
+# The first step's start is written by the same statement: an idle worker's
+# trigger-to-step time is counted in round trips, and this saves one.
+_CLAIM = (
+    """
 WITH picked AS MATERIALIZED (
-    SELECT p.id FROM {s}.runs p
-    WHERE p.status = 'pending' AND p.job = ANY(%(jobs)s)
-      AND NOT EXISTS (
-          SELECT 1 FROM {s}.runs x
-          WHERE x.status = 'running' AND x.job = p.job
-            AND coalesce(x.scope, '') = coalesce(p.scope, ''))
-    ORDER BY p.id
-    LIMIT 1
-    FOR UPDATE SKIP LOCKED
+    SELECT id FROM {s}.claimable(%(jobs)s) AS id
+), claimed AS (
+    UPDATE {s}.runs AS r
+    SET status = 'running', started_at = clock_timestamp(), finished_at = NULL,
+        duration_ms = NULL, worker_id = %(worker)s, attempt = r.attempt + 1, error = NULL,
+        current_step = %(first)s::jsonb ->> r.job,
+        records_total = NULL, records_processed = 0, records_inserted = 0, records_updated = 0,
+        records_deleted = 0, records_errored = 0
+    FROM picked
+    WHERE r.id = picked.id
+    RETURNING r.id, r.job, r.scope, r.source, r.triggered_by, r.payload, r.scheduled_for,
+              r.attempt, r.max_attempts, """
+    + _EVENT.replace("{event}", "'run_started'")
+    + """ AS event
+), step AS (
+    INSERT INTO {s}.run_steps (run_id, attempt, position, name, status)
+    SELECT c.id, c.attempt, 0, %(first)s::jsonb ->> c.job, 'running'
+    FROM claimed c WHERE %(first)s::jsonb ->> c.job IS NOT NULL
+    RETURNING id
 )
-UPDATE {s}.runs AS r
-SET status = 'running', started_at = now(), finished_at = NULL, duration_ms = NULL,
-    worker_id = %(worker)s, attempt = r.attempt + 1, error = NULL, current_step = NULL,
-    records_total = NULL, records_processed = 0, records_inserted = 0, records_updated = 0,
-    records_deleted = 0, records_errored = 0
-FROM picked
-WHERE r.id = picked.id
-RETURNING r.id, r.job, r.scope, r.source, r.triggered_by, r.payload, r.scheduled_for,
-          r.attempt, r.max_attempts, """ + _EVENT.replace("{event}", "'run_started'")
+SELECT c.id, c.job, c.scope, c.source, c.triggered_by, c.payload, c.scheduled_for,
+       c.attempt, c.max_attempts, c.event, (SELECT id FROM step)
+FROM claimed c
+"""
+)
 
 _FENCE = (
     "r.id = %(id)s AND r.status = 'running'"
@@ -572,6 +656,9 @@ RETURNING r.id, """
     + _EVENT.replace("{event}", "%(event)s::text")
 )
 
+# Only the orchestrator's periodic flush publishes: the write at each step
+# start stays silent, so runs made of quick steps add no events to the
+# channel, and followers see only status changes for them.
 _PROGRESS = (
     """
 UPDATE {s}.runs AS r SET current_step = %(step)s,"""
@@ -579,6 +666,27 @@ UPDATE {s}.runs AS r SET current_step = %(step)s,"""
     + """
 WHERE """
     + _FENCE
+    + """
+RETURNING r.id, CASE WHEN %(publish)s THEN pg_notify(%(events)s, json_build_object(
+    'event', 'run_progress', 'run_id', r.id, 'job', r.job, 'scope', r.scope,
+    'status', r.status, 'step', r.current_step, 'records_processed', r.records_processed,
+    'records_total', r.records_total)::text) END"""
+)
+
+# One statement, so one round trip between a claim and the step's first line.
+_STEP_START = (
+    """
+WITH progress AS (
+    UPDATE {s}.runs AS r SET current_step = %(step)s,"""
+    + _COUNTER_SET
+    + """
+    WHERE """
+    + _FENCE
+    + """
+)
+INSERT INTO {s}.run_steps (run_id, attempt, position, name, status)
+VALUES (%(id)s, %(attempt)s, %(position)s, %(step)s, 'running')
+RETURNING id"""
 )
 
 _NEXT_ATTEMPT = (
@@ -667,3 +775,21 @@ FROM lost WHERE r.id = lost.id
 RETURNING r.id, r.job, r.scope, r.status, """ + _EVENT.replace(
     "{event}", "CASE WHEN r.status = 'failed' THEN 'run_failed' ELSE 'run_cancelled' END"
 )
+
+# Small batches under SKIP LOCKED, so pruning never holds many locks or waits
+# on another instance doing the same. The newest run of each key is kept
+# however old, so `status` and the metrics still show every key's last result.
+_PRUNE = """
+WITH old AS (
+    SELECT r.id FROM {s}.runs r
+    WHERE r.status IN ('succeeded', 'failed', 'cancelled', 'skipped')
+      AND r.finished_at < now() - make_interval(secs => %(days)s * 86400)
+      AND EXISTS (
+          SELECT 1 FROM {s}.runs n
+          WHERE n.job = r.job AND n.scope IS NOT DISTINCT FROM r.scope AND n.id > r.id)
+    ORDER BY r.id
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {s}.runs AS r USING old WHERE r.id = old.id
+"""

@@ -18,6 +18,8 @@ MAX_PAYLOAD_BYTES = 8000
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
 _TEXT_LIMIT = 200
 _RESERVED = frozenset({"job", "scope", "scopes", "source", "triggered_by"})
+# Deeper JSON is refused before it reaches code that recurses over it.
+MAX_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,14 @@ def parse_notification(raw: str, jobs: Mapping[str, JobInfo]) -> list[TriggerReq
         ]
     if text.startswith("{"):
         try:
-            doc = json.loads(text, parse_constant=_no_constants)
+            doc = json.loads(text, parse_constant=_no_constants, parse_float=_finite)
         except (ValueError, RecursionError) as exc:
             return Rejected(f"invalid JSON: {exc}")
         if not isinstance(doc, dict):
             return Rejected("JSON payload must be an object")
+        unstorable = _unstorable(doc)
+        if unstorable:
+            return Rejected(unstorable)
         return _from_object(doc, jobs)
     if text[0] in '["' or text in ("true", "false", "null"):
         return Rejected("JSON payload must be an object")
@@ -152,6 +157,38 @@ def _from_object(
     return request_runs(
         job, scopes, jobs, source=source, triggered_by=texts["triggered_by"], payload=payload
     )
+
+
+def _unstorable(doc: Any) -> str | None:
+    """Why PostgreSQL could not store this JSON as jsonb or text, if it cannot.
+
+    Iterative, so that depth cannot exhaust the stack here either.
+    """
+    pending: list[tuple[Any, int]] = [(doc, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict | list) and depth > MAX_DEPTH:
+            return f"JSON nested deeper than {MAX_DEPTH} levels"
+        if isinstance(value, dict):
+            pending.extend((k, depth) for k in value)
+            pending.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            pending.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str):
+            if "\x00" in value:
+                return "JSON text contains a NUL character (\\u0000)"
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "JSON text contains an unpaired surrogate escape"
+    return None
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
 
 
 def _no_constants(name: str) -> Any:

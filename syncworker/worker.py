@@ -12,22 +12,28 @@ import asyncio
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
 import psycopg
+from psycopg.pq import ConnStatus
 from psycopg_pool import AsyncConnectionPool
 from structlog.typing import FilteringBoundLogger
 
 from syncworker import schedule, systemd
-from syncworker.aio import wait_event
-from syncworker.config import JobConfig, Settings
+from syncworker.aio import cancel_and_wait, wait_event
+from syncworker.config import ConfigError, JobConfig, Settings
+from syncworker.http import start_http, worker_routes
 from syncworker.listener import KEEPALIVES, listen_forever
 from syncworker.logs import make_logger
+from syncworker.metrics import Metrics
 from syncworker.orchestrator import RunEnv, execute_run
+from syncworker.reload import plan_reload
 from syncworker.steps import Step, resolve_job_steps
 from syncworker.store import ClaimedRun, Store, fetch_scopes
 from syncworker.triggers import JobInfo, Rejected, TriggerRequest, parse_notification
@@ -39,6 +45,17 @@ MISFIRE_GRACE = 60.0
 # against wall-clock jumps (suspend, NTP steps); fires still wake it exactly.
 SCHEDULER_MAX_SLEEP = 300.0
 STALE_HEARTBEATS = 3
+RECONNECT_ATTEMPT = 10.0
+PRUNE_EVERY = 3600.0
+PRUNE_BATCH = 500
+# A pooled connection that completed its work less than this long ago, with
+# no outage seen since, is handed out without the pool's check: a round trip
+# that cost as much again as the claim it preceded. One that died within the
+# window fails its statement with the OperationalError every caller handles
+# already, and the pool drops it.
+CHECK_IDLE_AFTER = 1.0
+# How long after a change of state (idle, running, draining) it is written.
+STATE_SETTLE = 0.2
 
 
 class Worker:
@@ -55,12 +72,18 @@ class Worker:
         *,
         log: FilteringBoundLogger | None = None,
         config_source: str = "<config>",
+        load: Callable[[], Settings] | None = None,
     ) -> None:
+        """`load` re-reads the configuration for `reload()` (SIGHUP); without
+        it, reload() needs the new settings passed in."""
         self.settings = settings
+        self._load = load
         self.log = log or make_logger(settings.log_level, settings.log_format)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.log = self.log.bind(worker_id=self.id)
         self.store = Store(settings.schema, settings.events_channel)
+        self.metrics = Metrics(VERSION, self.id, settings.jobs)
+        self._config_source = config_source
         # Resolving imports every step now: a bad step is a config error at start.
         self._steps: dict[str, list[Step]] = {
             name: resolve_job_steps(name, job, config_source) for name, job in settings.jobs.items()
@@ -80,11 +103,21 @@ class Worker:
         self._db_up = asyncio.Event()
         self._ready = asyncio.Event()
         self._runs: dict[int, asyncio.Task[str]] = {}
+        self._envs: dict[int, RunEnv] = {}
+        # Set when the liveness session was re-established: the next beat
+        # checks at once which runs are still ours.
+        self._recheck = False
         self._fire_cursor: dict[str, datetime | None] = {}
         self._lock_key: int | None = None
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._used_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
         self._main: asyncio.Task[None] | None = None
         self._claiming: asyncio.Future[bool] | None = None
+        self._reload = asyncio.Event()
+        self._reload_with: Settings | None = None
+        self._next_fires: dict[str, datetime | None] = {}
 
     # -- public face -----------------------------------------------------------
 
@@ -92,6 +125,27 @@ class Worker:
     def ready(self) -> asyncio.Event:
         """Set once the worker listens and can serve triggers."""
         return self._ready
+
+    def health(self) -> str | None:
+        """None while the worker serves triggers; otherwise why not, in a few words."""
+        if self._stopping.is_set():
+            return "draining"
+        if not self._ready.is_set():
+            return "starting"
+        if not self._db_up.is_set():
+            return "database down"
+        return None
+
+    def reload(self, settings: Settings | None = None) -> None:
+        """Apply a new configuration without dropping runs in flight (SIGHUP).
+
+        Without `settings`, the `load` given to the constructor reads it. Jobs,
+        schedules, steps, drain_timeout, heartbeat_interval and history_days
+        change; a config that fails to load or resolve is logged and the
+        running one kept. Runs already under way finish as they started.
+        """
+        self._reload_with = settings
+        self._reload.set()
 
     def stop(self) -> None:
         """Begin a drain; a second call cancels in-flight runs at once."""
@@ -133,15 +187,35 @@ class Worker:
             jobs=sorted(self._jobs),
             concurrency=settings.concurrency,
         )
+        # Bound before anything else, so a taken port fails the start at once
+        # and a probe sees "starting" while the database is still awaited.
+        http = None
+        if settings.http:
+            routes = worker_routes(
+                health=self.health,
+                db_up=self._db_up.is_set,
+                connect=self._connect,
+                store=self.store,
+                metrics=self.metrics,
+            )
+            http = await start_http(
+                settings.http, routes, log=self.log, config_source=self._config_source
+            )
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             settings.database_url,
             min_size=1,
             max_size=settings.concurrency * 2 + 2,
             open=False,
             kwargs={"autocommit": True, **KEEPALIVES},
-            check=AsyncConnectionPool.check_connection,
+            check=self._check_connection,
             timeout=10.0,
-            reconnect_timeout=float("inf"),
+            # psycopg_pool doubles the delay between connection attempts with
+            # no cap for as long as one attempt lasts: under an infinite
+            # timeout a long outage left hours between tries. A finite one
+            # ends the attempt, and the next checkout starts a fresh one at
+            # once, so the pool is never more than a few seconds behind the
+            # listener, which reconnects on its own capped back-off.
+            reconnect_timeout=RECONNECT_ATTEMPT,
             name="syncworker",
         )
         self._pool = pool
@@ -152,6 +226,8 @@ class Worker:
         finally:
             await self._drain()
             await self._mark_stopped()
+            if http is not None:
+                await http.close()
             await pool.close()
             self.log.info("worker_stopped")
 
@@ -164,7 +240,7 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 async with self._connect() as conn:
-                    self._scopes = await self.store.setup(conn, self._jobs)
+                    self._scopes = await self.store.setup(conn, self._jobs, self._config_source)
                     self._job_info = self._make_job_info()
                     self._lock_key = await self.store.register_worker(
                         conn, self.id, socket.gethostname(), os.getpid(), VERSION
@@ -188,17 +264,16 @@ class Worker:
             scheduler = tg.create_task(self._schedule(), name="scheduler")
             executor = tg.create_task(self._execute(), name="executor")
             watchdog = tg.create_task(self._watchdog(), name="watchdog")
+            reloader = tg.create_task(self._reloader(), name="reloader")
+            pruner = tg.create_task(self._prune_history(), name="pruner")
             await self._stopping.wait()
             # Stop taking new work; the listener stays up while runs drain
             # because its session holds the lock that marks this worker alive.
-            scheduler.cancel()
-            executor.cancel()
-            await asyncio.gather(scheduler, executor, return_exceptions=True)
+            await cancel_and_wait([scheduler, executor, reloader, pruner])
             if self._claiming is not None:  # a claim in flight becomes a run to drain
                 await asyncio.gather(self._claiming, return_exceptions=True)
             await self._drain()
-            for task in (listener, heartbeat, watchdog):
-                task.cancel()
+            await cancel_and_wait([listener, heartbeat, watchdog])
 
     # -- listening and triggers ---------------------------------------------------
 
@@ -218,10 +293,13 @@ class Worker:
         await self.store.hold_liveness_lock(conn, self._lock_key)
 
     def _on_db_state(self, up: bool) -> None:
+        self.metrics.database_state(up)
         if not up:
             self._db_up.clear()
+            self._used_at.clear()  # the pool's connections may be dead too: check them all
             return
         self._db_up.set()
+        self._recheck = True
         # Whatever was enqueued while we were deaf is in the table: look.
         self._wake.set()
         self._reschedule.set()
@@ -236,15 +314,29 @@ class Worker:
             self._wake.set()
             return
         self.log.info("trigger_received", payload=notify.payload[:200], sender_pid=notify.pid)
-        parsed = parse_notification(notify.payload, self._job_info)
-        if isinstance(parsed, Rejected):
-            self.log.warning("trigger_rejected", reason=parsed.reason, payload=notify.payload[:200])
-            return
-        await self._enqueue(parsed)
+        self.metrics.triggers_received.inc()
+        try:
+            parsed = parse_notification(notify.payload, self._job_info)
+            if isinstance(parsed, Rejected):
+                self.metrics.triggers_rejected.inc()
+                self.log.warning(
+                    "trigger_rejected", reason=parsed.reason, payload=notify.payload[:200]
+                )
+                return
+            await self._enqueue(parsed)
+        except Exception as exc:
+            # Guarantee 7: no payload may stop the daemon, not even one that
+            # trips a bug; this runs on the listener, whose end would be ours.
+            self.metrics.triggers_failed.inc()
+            self.log.error("trigger_failed", error=repr(exc)[:500], exc_info=True)
 
     async def _enqueue(self, requests: Sequence[TriggerRequest]) -> None:
+        runs: list[dict[str, Any]] = []
+        # All of a notification's requests or none; a lone trigger() call is
+        # atomic by itself, and BEGIN and COMMIT would cost two round trips.
+        atomic = len(requests) > 1
         try:
-            async with self._connect() as conn, conn.transaction():
+            async with self._connect() as conn, conn.transaction() if atomic else nullcontext():
                 for req in requests:
                     ids = await self.store.trigger(
                         conn,
@@ -254,15 +346,22 @@ class Worker:
                         triggered_by=req.triggered_by,
                         payload=req.payload,
                     )
-                    self.log.debug("trigger_enqueued", job=req.job, scope=req.scope, runs=ids)
+                    runs += [
+                        {"job": req.job, "scope": req.scope, "run_id": i, "created": created}
+                        for i, created in ids
+                    ]
         except psycopg.errors.InvalidParameterValue as exc:
             # trigger() refused it (the database's view of the jobs differs).
             reason = exc.diag.message_primary or str(exc)
+            self.metrics.triggers_rejected.inc()
             self.log.warning("trigger_rejected", reason=reason.removeprefix("syncworker: "))
             return
         except psycopg.Error as exc:
+            self.metrics.triggers_failed.inc()
             self.log.error("trigger_failed", error=str(exc).strip().splitlines()[0])
             return
+        # One outcome per notification: this, trigger_rejected or trigger_failed.
+        self.log.info("trigger_enqueued", runs=runs)
         self._wake.set()
 
     # -- cron ------------------------------------------------------------------------
@@ -296,6 +395,9 @@ class Worker:
             upcoming[name] = schedule.next_fire(job.schedule, zone, now)
         async with self._connect() as conn:
             await self.store.set_next_fire(conn, upcoming)
+        self._next_fires = upcoming
+        if not self._stopping.is_set():
+            self._sd_status(self._state())
         soonest = min((t for t in upcoming.values() if t is not None), default=None)
         if soonest is None:
             return SCHEDULER_MAX_SLEEP
@@ -336,7 +438,21 @@ class Worker:
         self, conn: psycopg.AsyncConnection[Any], name: str, job: JobConfig
     ) -> None:
         assert job.scopes_sql is not None
-        scopes = await fetch_scopes(conn, job.scopes_sql)
+        try:
+            scopes = await fetch_scopes(conn, job.scopes_sql)
+        except psycopg.OperationalError:
+            raise  # the scheduler's outage handling
+        except psycopg.Error as exc:
+            # The query broke (a table renamed, a grant revoked): the fire
+            # goes ahead with the scopes known so far, and the scheduler with
+            # it; raising would end the daemon.
+            self.log.error(
+                "scopes_sql_failed",
+                job=name,
+                error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc),
+                kept=list(self._scopes.get(name) or ()),
+            )
+            return
         if scopes != self._scopes.get(name):
             self.log.info("scopes_changed", job=name, scopes=list(scopes))
             self._scopes[name] = scopes
@@ -368,29 +484,39 @@ class Worker:
                     break
 
     async def _claim_one(self) -> bool:
+        # The steps as they are now: a reload during the claim must not make
+        # the run start other steps than the one the claim recorded.
+        steps = self._steps
+        first = {job: job_steps[0].name for job, job_steps in steps.items() if job_steps}
         try:
             async with self._connect() as conn:
-                run = await self.store.claim(conn, self.id, self._claimable)
+                run = await self.store.claim(conn, self.id, self._claimable, first)
         except psycopg.OperationalError as exc:
             self.log.warning("claim_failed", error=str(exc).strip().splitlines()[0])
             return False  # the listener's reconnect wakes us again
         if run is None:
             return False
-        self._start_run(run)
+        self._start_run(run, steps[run.job])
         return True
 
-    def _start_run(self, run: ClaimedRun) -> None:
+    def _start_run(self, run: ClaimedRun, steps: Sequence[Step]) -> None:
         env = RunEnv(store=self.store, connect=self._connect, log=self.log, stopping=self._stopping)
         task = asyncio.create_task(
-            execute_run(run, self._jobs[run.job], self._steps[run.job], env), name=f"run-{run.id}"
+            execute_run(run, self._jobs[run.job], steps, env), name=f"run-{run.id}"
         )
         self._runs[run.id] = task
+        self._envs[run.id] = env
         self._state_changed.set()
+        loop = asyncio.get_running_loop()
+        claimed = loop.time()
+        self.metrics.run_started(run.job)
 
         def done(t: asyncio.Task[str]) -> None:
             self._runs.pop(run.id, None)
+            self._envs.pop(run.id, None)
             self._state_changed.set()
             self._wake.set()  # a slot is free, and a follow-up of this key may wait
+            self.metrics.run_finished(run.job, _outcome(t, env), loop.time() - claimed)
             if not t.cancelled() and t.exception() is not None:
                 self.log.error("run_crashed", run_id=run.id, exc_info=t.exception())
 
@@ -415,8 +541,7 @@ class Worker:
         leftover = [t for t in tasks if not t.done()]
         if leftover:
             self.log.warning("drain_cancelling", runs=sorted(self._runs))
-            for task in leftover:
-                task.cancel()
+            await cancel_and_wait(leftover)
         await gathered
 
     # -- liveness -------------------------------------------------------------------
@@ -428,26 +553,35 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         """Beat every heartbeat_interval on a fixed deadline, and write state
-        changes as they happen. State changes never push the deadline back: a
-        busy worker must keep beating, or others would take its live runs."""
+        changes within STATE_SETTLE. State changes never push the deadline back:
+        a busy worker must keep beating, or others would take its live runs."""
         loop = asyncio.get_running_loop()
-        interval = self.settings.heartbeat_interval
-        next_beat = loop.time() + interval
+        next_beat = loop.time() + self.settings.heartbeat_interval
         last_state = ""
         while True:
             await wait_event(self._state_changed, max(0.0, next_beat - loop.time()))
+            if loop.time() < next_beat and not self._recheck:
+                # A state change: write where the state settles. Runs of a few
+                # milliseconds flip it twice each, and two writes per run were
+                # a third of a short run's statements, taken while it started.
+                await asyncio.sleep(min(STATE_SETTLE, next_beat - loop.time()))
             self._state_changed.clear()
             due = loop.time() >= next_beat
-            if due:
-                next_beat = loop.time() + interval
+            if due:  # read each time: a reload may change it
+                next_beat = loop.time() + self.settings.heartbeat_interval
             if not self._db_up.is_set():
                 continue
+            due = due or self._recheck
+            self._recheck = False
             state = self._state()
             try:
                 async with self._connect() as conn:
                     if due or state != last_state:
-                        await self.store.heartbeat(conn, self.id, state)
+                        # Runs claimed after this snapshot are ours for sure.
+                        in_flight = list(self._runs)
+                        owned = await self.store.heartbeat(conn, self.id, state)
                         last_state = state
+                        self._fence(in_flight, owned)
                     if due:
                         await self._recover(conn)
             except psycopg.OperationalError as exc:
@@ -457,6 +591,17 @@ class Worker:
                 self._wake.set()  # safety net: a missed wake-up costs one interval at most
             if state != "draining":
                 self._sd_status(state)
+
+    def _fence(self, in_flight: Sequence[int], owned: set[int]) -> None:
+        """Stop running what the database says is no longer ours: our liveness
+        session died for a moment and another worker took the run back."""
+        for run_id in in_flight:
+            task, env = self._runs.get(run_id), self._envs.get(run_id)
+            if run_id in owned or task is None or env is None or env.settling.is_set():
+                continue
+            self.log.warning("run_fenced", run_id=run_id, reason="no longer owned by this worker")
+            env.lost.set()
+            task.cancel()
 
     async def _recover(self, conn: psycopg.AsyncConnection[Any]) -> None:
         recovered = await self.store.recover_orphans(
@@ -475,10 +620,15 @@ class Worker:
             self._wake.set()
 
     def _sd_status(self, state: str) -> None:
+        """What `systemctl status` shows: the runs under way, or the next fire."""
         if state == "running":
             text = "running " + ", ".join(f"run {i}" for i in sorted(self._runs))
         else:
             text = "idle"
+        fires = [(t, name) for name, t in self._next_fires.items() if t is not None]
+        if fires:
+            when, name = min(fires)
+            text += f", next {name} at {when.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
         systemd.notify(f"STATUS={text}")
 
     async def _watchdog(self) -> None:
@@ -499,6 +649,99 @@ class Worker:
         except (psycopg.OperationalError, TimeoutError) as exc:
             self.log.warning("heartbeat_failed", error=str(exc).strip().splitlines()[0])
 
+    # -- reload and housekeeping ---------------------------------------------------------
+
+    async def _reloader(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            given, self._reload_with = self._reload_with, None
+            await self._apply_reload(given)
+
+    async def _apply_reload(self, given: Settings | None) -> None:
+        # systemd shows "reloading" until READY=1 comes back, failed or not.
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            await self._reload_config(given)
+        finally:
+            systemd.notify("READY=1")
+
+    async def _reload_config(self, given: Settings | None) -> None:
+        source = self._config_source
+        try:
+            if given is None:
+                if self._load is None:
+                    raise ConfigError(source, "", "no configuration file to reload from")
+                given = self._load()
+            plan = plan_reload(self.settings, given)
+            # Every step is imported before anything changes: all or nothing.
+            steps = {
+                name: resolve_job_steps(name, job, source)
+                for name, job in plan.settings.jobs.items()
+            }
+        except ConfigError as exc:
+            self.log.error("config_reload_failed", error=str(exc), kept="the running config")
+            return
+        jobs = plan.settings.jobs
+        try:
+            async with self._connect() as conn:
+                scopes = await self.store.setup(conn, jobs, source)
+                fired = await self.store.fire_state(conn)
+        except ConfigError as exc:  # a scopes_sql the database refuses
+            self.log.error("config_reload_failed", error=str(exc), kept="the running config")
+            return
+        except (psycopg.Error, TimeoutError) as exc:
+            error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            self.log.error("config_reload_failed", error=error, kept="the running config")
+            return
+        # A job whose schedule changed got a new misfire baseline in the
+        # database; the others keep the fire this worker last handled.
+        for name, job in jobs.items():
+            old = self._jobs.get(name)
+            if old is None or (old.schedule, old.timezone) != (job.schedule, job.timezone):
+                self._fire_cursor[name] = fired.get(name)
+        for name in plan.removed:
+            self._fire_cursor.pop(name, None)
+        self.settings = plan.settings
+        self._jobs = jobs
+        self._steps = steps
+        self._scopes = scopes
+        self._job_info = self._make_job_info()
+        self._claimable = [name for name, job in jobs.items() if job.enabled]
+        self.log.info(
+            "config_reloaded",
+            added=list(plan.added),
+            removed=list(plan.removed),
+            changed=list(plan.changed),
+            restart_needed=list(plan.restart_needed),
+            runs_in_flight=sorted(self._runs),
+        )
+        self._reschedule.set()
+        self._wake.set()
+        self._state_changed.set()
+
+    async def _prune_history(self) -> None:
+        """Delete finished runs older than history_days, a small batch at a time,
+        at start and then hourly; a timer, since age is all that decides it."""
+        while True:
+            await self._db_up.wait()
+            days = self.settings.history_days
+            if days > 0:
+                deleted = 0
+                try:
+                    while True:
+                        async with self._connect() as conn:
+                            n = await self.store.prune_history(conn, days, PRUNE_BATCH)
+                        deleted += n
+                        if n < PRUNE_BATCH:
+                            break
+                        await asyncio.sleep(0)  # let triggers and claims in between
+                except psycopg.OperationalError as exc:
+                    self.log.warning("history_prune_failed", error=str(exc).strip()[:200])
+                if deleted:
+                    self.log.info("history_pruned", deleted=deleted, older_than_days=days)
+            await asyncio.sleep(PRUNE_EVERY)
+
     # -- helpers -----------------------------------------------------------------------
 
     @asynccontextmanager
@@ -507,4 +750,29 @@ class Worker:
     ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         assert self._pool is not None
         async with self._pool.connection(timeout=timeout) as conn:
-            yield conn
+            try:
+                yield conn
+            except BaseException:
+                self._used_at.pop(conn, None)
+                raise
+            self._used_at[conn] = time.monotonic()
+
+    async def _check_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        used = self._used_at.get(conn)
+        if (
+            used is not None
+            and time.monotonic() - used < CHECK_IDLE_AFTER
+            and conn.pgconn.status == ConnStatus.OK
+        ):
+            return
+        await AsyncConnectionPool.check_connection(conn)
+
+
+def _outcome(task: asyncio.Task[str], env: RunEnv) -> str:
+    """A finished run's status for the metrics: what execute_run returned (the
+    status it wrote), else why it has none."""
+    if task.cancelled():
+        return "lost" if env.lost.is_set() else "interrupted"
+    if task.exception() is not None:
+        return "crashed"
+    return task.result()

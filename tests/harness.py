@@ -73,6 +73,7 @@ class Daemon:
         self.records: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
+        self._eof = False
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -104,6 +105,7 @@ class Daemon:
                     self.records.append(record)
                 self._cond.notify_all()
         with self._cond:
+            self._eof = True  # set under the lock: waiters see it with the notify
             self._cond.notify_all()
 
     def events(self, name: str, **match: Any) -> list[dict[str, Any]]:
@@ -114,22 +116,33 @@ class Daemon:
         self, name: str, timeout: float = 30.0, count: int = 1, **match: Any
     ) -> dict[str, Any]:
         """Wait until `count` log events named `name` (matching fields) were seen."""
+
+        def found(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+            hits = [r for r in records if r.get("event") == name and _matches(r, match)]
+            return hits[count - 1] if len(hits) >= count else None
+
+        return self.wait_records(found, timeout, f"{name} {match}")
+
+    def wait_records(
+        self, check: Callable[[list[dict[str, Any]]], T | None], timeout: float, what: str
+    ) -> T:
+        """Wait until `check(records)` returns something, woken by each new
+        log line; fails at once if the daemon exits first."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                found = [r for r in self.records if r.get("event") == name and _matches(r, match)]
-                if len(found) >= count:
-                    return found[count - 1]
-                if self.proc.poll() is not None and not self._reader.is_alive():
+                value = check(self.records)
+                if value is not None:
+                    return value
+                if self._eof:
                     raise AssertionError(
-                        f"daemon exited ({self.proc.returncode}) before {name} {match}:\n"
+                        f"daemon exited ({self.proc.returncode}) before {what}:\n"
                         + "".join(self.raw[-30:])
                     )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AssertionError(
-                        f"no {name} {match} within {timeout}s; last lines:\n"
-                        + "".join(self.raw[-30:])
+                        f"no {what} within {timeout}s; last lines:\n" + "".join(self.raw[-30:])
                     )
                 self._cond.wait(remaining)
 

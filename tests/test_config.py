@@ -473,6 +473,11 @@ def test_syncworker_database_url_wins_over_the_file(
     assert settings.database_url == "postgresql://sw@db/app"
 
 
+def test_an_empty_database_url_in_the_file_falls_back_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://fallback@db/app")
+    assert validate_config({"database_url": ""}).database_url == "postgresql://fallback@db/app"
+
+
 def test_no_database_url_anywhere_is_empty() -> None:
     assert validate_config({}).database_url == ""
 

@@ -90,3 +90,40 @@ async def cooperative(ctx: SyncContext) -> None:
     await _log(ctx, "cooperative")
     await ctx.stopping.wait()
     await _log(ctx, "stopped early")
+
+
+async def span(ctx: SyncContext) -> None:
+    """Logs its start and end around payload['ms'] (default 20) milliseconds of
+    work, so tests can check that no two runs of a key ever overlapped."""
+    import asyncio
+
+    await _log(ctx, "span_start")
+    await asyncio.sleep(float(ctx.payload.get("ms", 20)) / 1000)
+    await _log(ctx, "span_end")
+
+
+async def progress(ctx: SyncContext) -> None:
+    """Counts payload['chunks'] (default 5) chunks of payload['size'] (default
+    2000) records against a known total, pausing payload['pause'] (default
+    0.6) seconds after each, so the run's progress can be watched."""
+    import asyncio
+
+    chunks = int(ctx.payload.get("chunks", 5))
+    size = int(ctx.payload.get("size", 2000))
+    ctx.total(chunks * size)
+    for _ in range(chunks):
+        ctx.count(processed=size)
+        await asyncio.sleep(float(ctx.payload.get("pause", 0.6)))
+
+
+async def burst(ctx: SyncContext) -> None:
+    """Counts 10,000 records one at a time over payload['seconds'] (default
+    2.5) seconds: far more changes than progress events may report."""
+    import asyncio
+
+    ctx.total(10_000)
+    pause = float(ctx.payload.get("seconds", 2.5)) / 100
+    for i in range(10_000):
+        ctx.count(processed=1)
+        if i % 100 == 99:
+            await asyncio.sleep(pause)
