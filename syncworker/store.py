@@ -468,11 +468,20 @@ class Store:
         worker_id: str,
         stale_after: float,
         in_flight: Sequence[int],
+        *,
+        judge_peers: bool = True,
+        peer_grace: float = 0.0,
     ) -> list[dict[str, Any]]:
         """Take back runs whose worker is gone: retry them or fail them.
 
         Runs recorded under this worker but not in flight here are orphans too:
         their final write was lost in a database outage.
+
+        Another worker's missing lock or stale heartbeat counts only with
+        `judge_peers` and once the server has been up for `peer_grace`: a
+        restart frees every session's lock, and a live worker needs that long
+        to reconnect and take its lock again. A stopped or deleted worker
+        counts at once.
         """
         async with conn.transaction():
             cur = await conn.execute(
@@ -482,6 +491,8 @@ class Store:
                     "mine": list(in_flight),
                     "ns": self.lock_ns,
                     "stale": stale_after,
+                    "judge": judge_peers,
+                    "grace": peer_grace,
                     "events": self.events_channel,
                 },
             )
@@ -751,11 +762,14 @@ WITH lost AS (
            AND r.started_at < now() - make_interval(secs => %(stale)s)
            OR r.worker_id IS DISTINCT FROM %(me)s AND (w.id IS NULL
            OR w.state = 'stopped'
-           OR w.heartbeat_at < now() - make_interval(secs => %(stale)s)
-           OR NOT EXISTS (
-               SELECT 1 FROM pg_locks l
-               WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-                 AND l.classid = %(ns)s::bigint::oid AND l.objid = w.lock_key::bigint::oid)))
+           OR %(judge)s
+              AND pg_postmaster_start_time() < now() - make_interval(secs => %(grace)s)
+              AND (w.heartbeat_at < now() - make_interval(secs => %(stale)s)
+                   OR NOT EXISTS (
+                       SELECT 1 FROM pg_locks l
+                       WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                         AND l.classid = %(ns)s::bigint::oid
+                         AND l.objid = w.lock_key::bigint::oid))))
     FOR UPDATE OF r SKIP LOCKED
 ), steps AS (
     UPDATE {s}.run_steps st

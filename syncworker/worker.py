@@ -29,7 +29,7 @@ from syncworker import schedule, systemd
 from syncworker.aio import cancel_and_wait, wait_event
 from syncworker.config import ConfigError, JobConfig, Settings
 from syncworker.http import start_http, worker_routes
-from syncworker.listener import KEEPALIVES, listen_forever
+from syncworker.listener import KEEPALIVES, MAX_BACKOFF, listen_forever
 from syncworker.logs import make_logger
 from syncworker.metrics import Metrics
 from syncworker.orchestrator import RunEnv, execute_run
@@ -107,6 +107,9 @@ class Worker:
         # Set when the liveness session was re-established: the next beat
         # checks at once which runs are still ours.
         self._recheck = False
+        # Until then, other workers' missing locks and stale heartbeats prove
+        # nothing: we have just reconnected, and so may they be about to.
+        self._judge_peers_at = 0.0
         self._fire_cursor: dict[str, datetime | None] = {}
         self._lock_key: int | None = None
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
@@ -300,6 +303,8 @@ class Worker:
             return
         self._db_up.set()
         self._recheck = True
+        if self._ready.is_set():  # a reconnect: the outage may have cut every session
+            self._judge_peers_at = asyncio.get_running_loop().time() + self._peer_grace()
         # Whatever was enqueued while we were deaf is in the table: look.
         self._wake.set()
         self._reschedule.set()
@@ -603,9 +608,19 @@ class Worker:
             env.lost.set()
             task.cancel()
 
+    def _peer_grace(self) -> float:
+        """How long a live worker may need to take its lock and beat again
+        after an outage: its listener's longest back-off, then a stale span."""
+        return MAX_BACKOFF + self.settings.heartbeat_interval * STALE_HEARTBEATS
+
     async def _recover(self, conn: psycopg.AsyncConnection[Any]) -> None:
         recovered = await self.store.recover_orphans(
-            conn, self.id, self.settings.heartbeat_interval * STALE_HEARTBEATS, list(self._runs)
+            conn,
+            self.id,
+            self.settings.heartbeat_interval * STALE_HEARTBEATS,
+            list(self._runs),
+            judge_peers=asyncio.get_running_loop().time() >= self._judge_peers_at,
+            peer_grace=self._peer_grace(),
         )
         for row in recovered:
             self.log.warning(
