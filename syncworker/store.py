@@ -48,6 +48,26 @@ class ClaimedRun:
     first_step_id: int | None = None
 
 
+def _claimed_run(
+    row: Sequence[Any], worker_id: str, first_step_id: int | None = None
+) -> ClaimedRun:
+    """A run from a row of (id, job, scope, source, triggered_by, payload,
+    scheduled_for, attempt, max_attempts, ...)."""
+    return ClaimedRun(
+        id=row[0],
+        job=row[1],
+        scope=row[2],
+        source=row[3],
+        triggered_by=row[4],
+        payload=row[5] or {},
+        scheduled_for=row[6],
+        attempt=row[7],
+        max_attempts=row[8],
+        worker_id=worker_id,
+        first_step_id=first_step_id,
+    )
+
+
 async def fetch_scopes(conn: psycopg.AsyncConnection[Any], query: str) -> tuple[str, ...]:
     """Run a job's scopes_sql: the first column of each row, non-empty, unique."""
     cur = await conn.execute(query.encode())
@@ -87,6 +107,10 @@ class Store:
         q = self._compose
         self.q_trigger = q("SELECT run_id, created FROM {s}.trigger(%s, %s, %s, %s, %s, %s)")
         self.q_claim = q(_CLAIM)
+        self.q_trigger_and_claim = q(
+            "SELECT run_id, created, step_id, max_attempts FROM {s}.trigger_and_claim("
+            "%(me)s, %(first)s, %(events)s, %(job)s, %(scope)s, %(source)s, %(by)s, %(payload)s)"
+        )
         self.q_finish = q(_FINISH)
         self.q_requeue = q(_REQUEUE)
         self.q_next_attempt = q(_NEXT_ATTEMPT)
@@ -99,6 +123,13 @@ class Store:
             " RETURNING name"
         )
         self.q_orphans = q(_ORPHANS)
+        self.q_unreserve_gone = q(_UNRESERVE_GONE)
+        self.q_claim_reserved = q(_CLAIM_RESERVED)
+        self.q_release_reserved = q(_RELEASE_RESERVED)
+        self.q_offer = q(
+            "UPDATE {s}.workers SET concurrency = %(concurrency)s, first_steps = %(first)s"
+            " WHERE id = %(id)s"
+        )
         self.q_prune = q(_PRUNE)
 
     def _compose(self, text: str) -> sql.Composed:
@@ -131,10 +162,15 @@ class Store:
             done = {row[0] for row in await cur.fetchall()}
             schema_text = self._s.as_string(conn)
             wake_text = sql.Literal(self.wake).as_string(conn)
+            lock_ns_text = sql.Literal(self.lock_ns).as_string(conn)
             for version, text in _migrations():
                 if version in done:
                     continue
-                body = text.replace("__SCHEMA__", schema_text).replace("__WAKE__", wake_text)
+                body = (
+                    text.replace("__SCHEMA__", schema_text)
+                    .replace("__WAKE__", wake_text)
+                    .replace("__LOCK_NS__", lock_ns_text)
+                )
                 await conn.execute(body.encode())
                 await conn.execute(
                     self._compose("INSERT INTO {s}.migrations (version) VALUES (%s)"), (version,)
@@ -230,6 +266,56 @@ class Store:
         )
         return [(int(r[0]), bool(r[1])) for r in await cur.fetchall()]
 
+    async def trigger_and_claim(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        worker_id: str,
+        first_step: str | None,
+        job: str,
+        scope: str | None,
+        *,
+        source: str,
+        triggered_by: str | None,
+        payload: Mapping[str, Any],
+    ) -> list[tuple[int, bool, ClaimedRun | None]]:
+        """trigger() for a worker that heard a NOTIFY: a run it creates is
+        reserved for this worker if it may take it (`first_step` given) and
+        claimed in the same call, as claim() with the first step's start
+        would. Returns each run's id, whether it was created, and the run
+        claimed for this worker, if any."""
+        cur = await conn.execute(
+            self.q_trigger_and_claim,
+            {
+                "me": worker_id,
+                "first": first_step,
+                "events": self.events_channel,
+                "job": job,
+                "scope": scope,
+                "source": source,
+                "by": triggered_by,
+                "payload": Jsonb(dict(payload)),
+            },
+        )
+        out: list[tuple[int, bool, ClaimedRun | None]] = []
+        for run_id, created, step_id, max_attempts in await cur.fetchall():
+            claimed = None
+            if step_id is not None:
+                claimed = ClaimedRun(
+                    id=run_id,
+                    job=job,
+                    scope=scope,
+                    source=source,
+                    triggered_by=triggered_by,
+                    payload=dict(payload),
+                    scheduled_for=None,
+                    attempt=1,
+                    max_attempts=max_attempts,
+                    worker_id=worker_id,
+                    first_step_id=step_id,
+                )
+            out.append((int(run_id), bool(created), claimed))
+        return out
+
     async def fire_state(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, datetime | None]:
         cur = await conn.execute(self._compose("SELECT name, last_fire_at FROM {s}.jobs"))
         return {row[0]: row[1] for row in await cur.fetchall()}
@@ -303,19 +389,7 @@ class Store:
         row = await cur.fetchone()
         if row is None:
             return None
-        return ClaimedRun(
-            id=row[0],
-            job=row[1],
-            scope=row[2],
-            source=row[3],
-            triggered_by=row[4],
-            payload=row[5] or {},
-            scheduled_for=row[6],
-            attempt=row[7],
-            max_attempts=row[8],
-            worker_id=worker_id,
-            first_step_id=row[10],
-        )
+        return _claimed_run(row, worker_id, first_step_id=row[10])
 
     async def next_attempt(self, conn: psycopg.AsyncConnection[Any], run: ClaimedRun) -> bool:
         cur = await conn.execute(
@@ -411,6 +485,68 @@ class Store:
             {"id": step_id, "status": status, "error": error, **counters.as_params()},
         )
 
+    async def claim_reserved(
+        self, conn: psycopg.AsyncConnection[Any], run: ClaimedRun, first_step: str
+    ) -> int | None:
+        """Claim a run trigger() reserved for this worker (sql/005), recording
+        its first step's start as claim() does; returns that step's row id, or
+        None when the reservation is no longer this worker's."""
+        try:
+            cur = await conn.execute(
+                self.q_claim_reserved,
+                {**self._fence(run), "step": first_step, "events": self.events_channel},
+            )
+        except psycopg.errors.UniqueViolation:
+            return None  # a run of the key is running after all: not ours to start
+        row = await cur.fetchone()
+        return None if row is None else int(row[0])
+
+    async def reserved_runs(
+        self, conn: psycopg.AsyncConnection[Any], worker_id: str
+    ) -> list[ClaimedRun]:
+        """Runs reserved for this worker and not claimed yet, as their
+        notifications describe them (for those it may not have heard)."""
+        cur = await conn.execute(
+            self._compose(
+                "SELECT id, job, scope, source, triggered_by, payload, scheduled_for,"
+                " attempt + 1, max_attempts FROM {s}.runs"
+                " WHERE reserved_for = %s AND status = 'pending' ORDER BY id"
+            ),
+            (worker_id,),
+        )
+        return [_claimed_run(r, worker_id) for r in await cur.fetchall()]
+
+    async def release_reserved(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        worker_id: str,
+        *,
+        only: int | None = None,
+        keep: Sequence[int] = (),
+    ) -> int:
+        """Give back runs reserved for this worker (all, or `only` one), except
+        those in `keep`, and wake the workers to claim them; returns how many."""
+        cur = await conn.execute(
+            self.q_release_reserved,
+            {"worker": worker_id, "only": only, "keep": list(keep), "wake": self.wake},
+        )
+        row = await cur.fetchone()
+        return int(row[0]) if row is not None else 0
+
+    async def offer(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        worker_id: str,
+        concurrency: int,
+        first_steps: Mapping[str, str],
+    ) -> None:
+        """Tell trigger() what this worker takes reservations for: its slots
+        and each enabled job's first step."""
+        await conn.execute(
+            self.q_offer,
+            {"id": worker_id, "concurrency": concurrency, "first": Jsonb(dict(first_steps))},
+        )
+
     def _fence(self, run: ClaimedRun) -> dict[str, Any]:
         return {"id": run.id, "worker": run.worker_id, "attempt": run.attempt}
 
@@ -500,6 +636,30 @@ class Store:
                 {"id": r[0], "job": r[1], "scope": r[2], "status": r[3]}
                 for r in await cur.fetchall()
             ]
+
+    async def unreserve_gone(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        worker_id: str,
+        stale_after: float,
+        *,
+        judge_peers: bool = True,
+        peer_grace: float = 0.0,
+    ) -> int:
+        """Clear the reservations of workers gone by the rules of
+        recover_orphans(), so any worker may claim those runs; returns how many."""
+        cur = await conn.execute(
+            self.q_unreserve_gone,
+            {
+                "me": worker_id,
+                "ns": self.lock_ns,
+                "stale": stale_after,
+                "judge": judge_peers,
+                "grace": peer_grace,
+            },
+        )
+        row = await cur.fetchone()
+        return int(row[0]) if row is not None else 0
 
     async def prune_history(
         self, conn: psycopg.AsyncConnection[Any], days: float, batch: int
@@ -747,7 +907,21 @@ WHERE id = %(id)s
 # session died: kill -9, host loss, lost connection), has stopped, has no
 # row, or stopped heartbeating. It goes back to pending while it has
 # attempts left and no follow-up is already pending, else it fails.
-_ORPHANS = """
+# Worker `w` (LEFT JOINed) is gone: no row, stopped, or, when peers may be
+# judged (recover_orphans), its liveness lock free or its heartbeat stale.
+_GONE = """(w.id IS NULL
+           OR w.state = 'stopped'
+           OR %(judge)s
+              AND pg_postmaster_start_time() < now() - make_interval(secs => %(grace)s)
+              AND (w.heartbeat_at < now() - make_interval(secs => %(stale)s)
+                   OR NOT EXISTS (
+                       SELECT 1 FROM pg_locks l
+                       WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                         AND l.classid = %(ns)s::bigint::oid
+                         AND l.objid = w.lock_key::bigint::oid)))"""
+
+_ORPHANS = (
+    """
 WITH lost AS (
     SELECT r.id,
            r.attempt < r.max_attempts AND NOT EXISTS (
@@ -760,16 +934,9 @@ WITH lost AS (
       AND (r.worker_id = %(me)s AND NOT (r.id = ANY(%(mine)s::bigint[]))
            -- not one claimed after the in-flight list was taken
            AND r.started_at < now() - make_interval(secs => %(stale)s)
-           OR r.worker_id IS DISTINCT FROM %(me)s AND (w.id IS NULL
-           OR w.state = 'stopped'
-           OR %(judge)s
-              AND pg_postmaster_start_time() < now() - make_interval(secs => %(grace)s)
-              AND (w.heartbeat_at < now() - make_interval(secs => %(stale)s)
-                   OR NOT EXISTS (
-                       SELECT 1 FROM pg_locks l
-                       WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-                         AND l.classid = %(ns)s::bigint::oid
-                         AND l.objid = w.lock_key::bigint::oid))))
+           OR r.worker_id IS DISTINCT FROM %(me)s AND """
+    + _GONE
+    + """)
     FOR UPDATE OF r SKIP LOCKED
 ), steps AS (
     UPDATE {s}.run_steps st
@@ -786,9 +953,61 @@ SET status = CASE WHEN lost.retry THEN 'pending' ELSE 'failed' END,
     worker_id = CASE WHEN lost.retry THEN NULL ELSE r.worker_id END,
     current_step = NULL, error = 'worker lost'
 FROM lost WHERE r.id = lost.id
-RETURNING r.id, r.job, r.scope, r.status, """ + _EVENT.replace(
-    "{event}", "CASE WHEN r.status = 'failed' THEN 'run_failed' ELSE 'run_cancelled' END"
+RETURNING r.id, r.job, r.scope, r.status, """
+    + _EVENT.replace(
+        "{event}", "CASE WHEN r.status = 'failed' THEN 'run_failed' ELSE 'run_cancelled' END"
+    )
 )
+
+_UNRESERVE_GONE = (
+    """
+WITH gone AS (
+    SELECT r.id FROM {s}.runs r
+    LEFT JOIN {s}.workers w ON w.id = r.reserved_for
+    WHERE r.reserved_for IS NOT NULL AND r.reserved_for <> %(me)s AND r.status = 'pending'
+      AND """
+    + _GONE
+    + """
+    FOR UPDATE OF r SKIP LOCKED
+), freed AS (
+    UPDATE {s}.runs AS r SET reserved_for = NULL FROM gone WHERE r.id = gone.id RETURNING r.id
+)
+SELECT count(*) FROM freed
+"""
+)
+
+# A reserved run's claim: the reservation is the fence (sql/005). Same writes
+# as _CLAIM, for the one run trigger() reserved, with its first step's start.
+_CLAIM_RESERVED = (
+    """
+WITH claimed AS (
+    UPDATE {s}.runs AS r
+    SET status = 'running', started_at = clock_timestamp(), worker_id = %(worker)s,
+        attempt = r.attempt + 1, reserved_for = NULL, current_step = %(step)s
+    WHERE r.id = %(id)s AND r.status = 'pending' AND r.reserved_for = %(worker)s
+      AND r.attempt = %(attempt)s - 1
+    RETURNING r.id, r.attempt, """
+    + _EVENT.replace("{event}", "'run_started'")
+    + """ AS event
+), step AS (
+    INSERT INTO {s}.run_steps (run_id, attempt, position, name, status)
+    SELECT c.id, c.attempt, 0, %(step)s, 'running' FROM claimed c
+    RETURNING id
+)
+SELECT id FROM step
+"""
+)
+
+_RELEASE_RESERVED = """
+WITH freed AS (
+    UPDATE {s}.runs AS r SET reserved_for = NULL
+    WHERE r.reserved_for = %(worker)s AND r.status = 'pending'
+      AND (%(only)s::bigint IS NULL OR r.id = %(only)s::bigint)
+      AND NOT (r.id = ANY(%(keep)s::bigint[]))
+    RETURNING r.job
+)
+SELECT count(pg_notify(%(wake)s, job)) FROM freed
+"""
 
 # Small batches under SKIP LOCKED, so pruning never holds many locks or waits
 # on another instance doing the same. The newest run of each key is kept

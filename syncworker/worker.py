@@ -9,6 +9,7 @@ finishing, a signal), plus the drain on stop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import socket
@@ -25,7 +26,7 @@ from psycopg.pq import ConnStatus
 from psycopg_pool import AsyncConnectionPool
 from structlog.typing import FilteringBoundLogger
 
-from syncworker import schedule, systemd
+from syncworker import reserved, schedule, systemd
 from syncworker.aio import cancel_and_wait, wait_event
 from syncworker.config import ConfigError, JobConfig, Settings
 from syncworker.http import start_http, worker_routes
@@ -121,6 +122,14 @@ class Worker:
         self._reload = asyncio.Event()
         self._reload_with: Settings | None = None
         self._next_fires: dict[str, datetime | None] = {}
+        # Fire-and-forget writes (releasing a reservation): held so that
+        # asyncio does not collect them mid-flight.
+        self._background: set[asyncio.Task[Any]] = set()
+        # Reserved runs waiting for our claim in flight before being taken.
+        self._deciding: set[int] = set()
+        # trigger_and_claim() calls in flight that may claim a run for us:
+        # each holds a slot, as a claim in flight does.
+        self._starting = 0
 
     # -- public face -----------------------------------------------------------
 
@@ -248,6 +257,7 @@ class Worker:
                     self._lock_key = await self.store.register_worker(
                         conn, self.id, socket.gethostname(), os.getpid(), VERSION
                     )
+                    await self._offer(conn)
                     self._fire_cursor = await self.store.fire_state(conn)
                 if down:
                     self.log.info("db_reconnected")
@@ -316,7 +326,10 @@ class Worker:
 
     async def _on_notify(self, notify: psycopg.Notify) -> None:
         if notify.channel == self.store.wake:
-            self._wake.set()
+            if reserved.is_reservation(notify.payload):
+                self._on_reservation(notify.payload)
+            else:
+                self._wake.set()
             return
         self.log.info("trigger_received", payload=notify.payload[:200], sender_pid=notify.pid)
         self.metrics.triggers_received.inc()
@@ -335,14 +348,121 @@ class Worker:
             self.metrics.triggers_failed.inc()
             self.log.error("trigger_failed", error=repr(exc)[:500], exc_info=True)
 
+    def _on_reservation(self, payload: str) -> None:
+        """Start a run trigger() reserved for us, its claim written alongside;
+        give it back when we cannot take it now."""
+        run = reserved.read_reservation(payload, self.id)
+        if run is not None:
+            self._on_reserved(run)
+
+    def _on_reserved(self, run: ClaimedRun) -> None:
+        # Heard twice (the notification, and the look after a reconnect):
+        # taken once.
+        if run.id in self._runs or run.id in self._deciding:
+            return
+        if self._claiming is not None and not self._claiming.done():
+            # Our claim in flight may take the last slot: decide after it.
+            self._spawn(self._take_after_claim(run, self._claiming))
+        else:
+            self._take_reservation(run)
+
+    async def _take_after_claim(self, run: ClaimedRun, claiming: asyncio.Future[bool]) -> None:
+        self._deciding.add(run.id)
+        try:
+            await asyncio.wait({claiming})
+        finally:
+            self._deciding.discard(run.id)
+        if run.id not in self._runs:
+            self._take_reservation(run)
+
+    def _free_slot(self) -> bool:
+        """A run could start here now: not stopping, and a slot free counting
+        the claim in flight and the starts and reservations being decided."""
+        claiming = self._claiming is not None and not self._claiming.done()
+        taken = len(self._runs) + len(self._deciding) + claiming + self._starting
+        return not self._stopping.is_set() and taken < self.settings.concurrency
+
+    def _take_reservation(self, run: ClaimedRun) -> None:
+        steps = self._steps.get(run.job)
+        reason = (
+            "draining"
+            if self._stopping.is_set()
+            else "no free slot"
+            if not self._free_slot()
+            else "job not run here"
+            if not steps or run.job not in self._claimable
+            else None
+        )
+        if reason is not None or not steps:
+            self.log.debug("reservation_released", run_id=run.id, reason=reason)
+            self._spawn(self._release(only=run.id))
+            return
+        # The run's task is made first, so it reaches its step before the
+        # claim's task spends its turn checking out a connection.
+        claim: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._start_run(run, steps, claim)
+        writing = asyncio.ensure_future(
+            reserved.claim(self.store, self._connect, self.log, run, steps[0].name)
+        )
+        writing.add_done_callback(functools.partial(_settle, claim))
+
+    async def _release(self, only: int | None = None) -> None:
+        """Give back our reservations (all, or `only` one)."""
+        try:
+            async with self._connect() as conn:
+                await self.store.release_reserved(conn, self.id, only=only)
+        except psycopg.OperationalError as exc:
+            # Kept until we reconnect (released then) or are judged gone.
+            self.log.warning("release_failed", error=str(exc).strip().splitlines()[0])
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _offer(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        first = {job: steps[0].name for job, steps in self._steps.items() if steps}
+        enabled = {job: step for job, step in first.items() if job in self._claimable}
+        await self.store.offer(conn, self.id, self.settings.concurrency, enabled)
+
     async def _enqueue(self, requests: Sequence[TriggerRequest]) -> None:
         runs: list[dict[str, Any]] = []
         # All of a notification's requests or none; a lone trigger() call is
         # atomic by itself, and BEGIN and COMMIT would cost two round trips.
         atomic = len(requests) > 1
+        steps = self._steps  # as the claim records them, whatever a reload does
         try:
             async with self._connect() as conn, conn.transaction() if atomic else nullcontext():
-                for req in requests:
+                if not atomic:
+                    # A lone request: the run it creates may be claimed for us
+                    # by the same call, and start on its answer.
+                    [req] = requests
+                    job_steps = steps.get(req.job)
+                    first = job_steps[0].name if job_steps and self._free_slot() else None
+                    self._starting += first is not None
+                    try:
+                        made = await self.store.trigger_and_claim(
+                            conn,
+                            self.id,
+                            first,
+                            req.job,
+                            req.scope,
+                            source=req.source,
+                            triggered_by=req.triggered_by,
+                            payload=req.payload,
+                        )
+                    finally:
+                        self._starting -= first is not None
+                    if first is not None and all(claimed is None for _, _, claimed in made):
+                        self._wake.set()  # the slot it held is free again
+                    for run_id, created, claimed in made:
+                        if claimed is not None and job_steps:
+                            self._start_run(claimed, job_steps, via="trigger")
+                        runs.append(
+                            {"job": req.job, "scope": req.scope}
+                            | {"run_id": run_id, "created": created}
+                        )
+                for req in requests if atomic else ():
                     ids = await self.store.trigger(
                         conn,
                         req.job,
@@ -366,8 +486,10 @@ class Worker:
             self.log.error("trigger_failed", error=str(exc).strip().splitlines()[0])
             return
         # One outcome per notification: this, trigger_rejected or trigger_failed.
+        # No wake-up of our own: trigger()'s notification wakes every worker,
+        # and may reserve the run for one, which a claim of ours would only
+        # delay (claims pass reserved runs over).
         self.log.info("trigger_enqueued", runs=runs)
-        self._wake.set()
 
     # -- cron ------------------------------------------------------------------------
 
@@ -481,7 +603,9 @@ class Worker:
             await self._wake.wait()
             self._wake.clear()
             await self._db_up.wait()
-            while len(self._runs) < self.settings.concurrency:
+            while len(self._runs) + len(self._deciding) + self._starting < (
+                self.settings.concurrency
+            ):
                 # Shielded: a stop arriving between the claim's commit and the
                 # run's start must not leave a claimed run that nobody runs.
                 self._claiming = asyncio.ensure_future(self._claim_one())
@@ -504,11 +628,35 @@ class Worker:
         self._start_run(run, steps[run.job])
         return True
 
-    def _start_run(self, run: ClaimedRun, steps: Sequence[Step]) -> None:
-        env = RunEnv(store=self.store, connect=self._connect, log=self.log, stopping=self._stopping)
+    def _start_run(
+        self,
+        run: ClaimedRun,
+        steps: Sequence[Step],
+        claim: asyncio.Future[int | None] | None = None,
+        via: str = "claim",
+    ) -> None:
+        env = RunEnv(
+            store=self.store,
+            connect=self._connect,
+            log=self.log,
+            stopping=self._stopping,
+            claim=claim,
+            via="reservation" if claim is not None else via,
+        )
         task = asyncio.create_task(
             execute_run(run, self._jobs[run.job], steps, env), name=f"run-{run.id}"
         )
+        if claim is not None:
+
+            def on_claim(f: asyncio.Future[int | None]) -> None:
+                if f.cancelled() or f.exception() is not None or f.result() is None:
+                    env.lost.set()  # not ours: nothing more is written for it
+                    task.cancel()
+                    # Still reserved for us if the claim failed for another
+                    # reason than a release (an outage): let others have it.
+                    self._spawn(self._release(only=run.id))
+
+            claim.add_done_callback(on_claim)
         self._runs[run.id] = task
         self._envs[run.id] = env
         self._state_changed.set()
@@ -576,17 +724,32 @@ class Worker:
                 next_beat = loop.time() + self.settings.heartbeat_interval
             if not self._db_up.is_set():
                 continue
-            due = due or self._recheck
-            self._recheck = False
+            recheck, self._recheck = self._recheck, False
+            due = due or recheck
             state = self._state()
             try:
                 async with self._connect() as conn:
                     if due or state != last_state:
                         # Runs claimed after this snapshot are ours for sure.
-                        in_flight = list(self._runs)
+                        # (A reserved run counts once its claim is in.)
+                        in_flight = [
+                            run_id
+                            for run_id, env in self._envs.items()
+                            if env.claim is None or env.claim.done()
+                        ]
                         owned = await self.store.heartbeat(conn, self.id, state)
-                        last_state = state
                         self._fence(in_flight, owned)
+                        if recheck:
+                            # Reserved while we were not listening: the
+                            # notification is lost, the reservation is not.
+                            for run in await self.store.reserved_runs(conn, self.id):
+                                self._on_reserved(run)
+                        if state == "draining" != last_state:
+                            # We take no reservation from now on.
+                            await self.store.release_reserved(
+                                conn, self.id, keep=[*self._runs, *self._deciding]
+                            )
+                        last_state = state
                     if due:
                         await self._recover(conn)
             except psycopg.OperationalError as exc:
@@ -631,7 +794,14 @@ class Worker:
                 status=row["status"],
                 reason="worker lost",
             )
-        if recovered:
+        unreserved = await self.store.unreserve_gone(
+            conn,
+            self.id,
+            self.settings.heartbeat_interval * STALE_HEARTBEATS,
+            judge_peers=asyncio.get_running_loop().time() >= self._judge_peers_at,
+            peer_grace=self._peer_grace(),
+        )
+        if recovered or unreserved:
             self._wake.set()
 
     def _sd_status(self, state: str) -> None:
@@ -661,6 +831,7 @@ class Worker:
         try:
             async with self._connect(timeout=5.0) as conn:
                 await self.store.heartbeat(conn, self.id, "stopped")
+                await self.store.release_reserved(conn, self.id)
         except (psycopg.OperationalError, TimeoutError) as exc:
             self.log.warning("heartbeat_failed", error=str(exc).strip().splitlines()[0])
 
@@ -723,6 +894,13 @@ class Worker:
         self._scopes = scopes
         self._job_info = self._make_job_info()
         self._claimable = [name for name, job in jobs.items() if job.enabled]
+        try:
+            async with self._connect() as conn:
+                await self._offer(conn)
+        except psycopg.OperationalError as exc:
+            # Reservations for a removed job are declined; new jobs go the
+            # claim's way until the next reload or restart.
+            self.log.warning("offer_failed", error=str(exc).strip().splitlines()[0])
         self.log.info(
             "config_reloaded",
             added=list(plan.added),
@@ -781,6 +959,14 @@ class Worker:
         ):
             return
         await AsyncConnectionPool.check_connection(conn)
+
+
+def _settle(claim: asyncio.Future[int | None], writing: asyncio.Future[int | None]) -> None:
+    """Pass the claim's write on to the run's view of it; a failed write is
+    a claim that did not make the run ours."""
+    if not claim.done():
+        ok = not writing.cancelled() and writing.exception() is None
+        claim.set_result(writing.result() if ok else None)
 
 
 def _outcome(task: asyncio.Task[str], env: RunEnv) -> str:

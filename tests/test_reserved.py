@@ -1,0 +1,251 @@
+"""trigger() reserves a new run for an idle worker, which starts it from the
+notification (sql/005). Real daemons: the reservation taken and claimed, given
+back when the worker cannot take it (busy, draining), never made for a dead
+worker, cleared when the worker it names died, and taken up after a
+reconnect when the notification was missed."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from tests.harness import Daemon, execute, query, release, wait_until, write_config
+from tests.invariants import assert_invariants, trigger
+
+JOBS = """
+[jobs.solo]
+steps = ["sw_testjobs:record"]
+
+[jobs.other]
+steps = ["sw_testjobs:record"]
+
+[jobs.hold]
+steps = ["sw_testjobs:wait_release"]
+"""
+
+
+def _worker_id(url: str, daemon: Daemon) -> str:
+    [(worker_id,)] = query(
+        url,
+        "SELECT id FROM syncworker.workers WHERE pid = %s AND state <> 'stopped'",
+        (daemon.proc.pid,),
+    )
+    return str(worker_id)
+
+
+def _status(url: str, run_id: int) -> tuple[str, str | None, str | None]:
+    [row] = query(
+        url, "SELECT status, reserved_for, worker_id FROM syncworker.runs WHERE id = %s", (run_id,)
+    )
+    return row
+
+
+def _pending_run(url: str, job: str, reserved_for: str | None = None) -> int:
+    """A pending run inserted directly (so trigger() chooses nothing), reserved
+    from the start when asked: no worker may claim it unreserved first."""
+    [(run_id,)] = query(
+        url,
+        "INSERT INTO syncworker.runs (job, status, source, reserved_for)"
+        " VALUES (%s, 'pending', 'test', %s) RETURNING id",
+        (job, reserved_for),
+    )
+    return int(run_id)
+
+
+def _notify_reservation(url: str, run_id: int) -> None:
+    """The notification trigger() sends with a reservation."""
+    [(payload,)] = query(
+        url,
+        "SELECT json_build_object('reserved_for', reserved_for, 'id', id, 'job', job,"
+        " 'scope', scope, 'source', source, 'triggered_by', triggered_by, 'payload', payload,"
+        " 'scheduled_for', scheduled_for, 'attempt', attempt,"
+        " 'max_attempts', max_attempts)::text FROM syncworker.runs WHERE id = %s",
+        (run_id,),
+    )
+    execute(url, "SELECT pg_notify('syncworker_wake', %s)", (payload,))
+
+
+def test_an_idle_worker_starts_its_reserved_run(database_url, tmp_path, start):
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    worker_id = _worker_id(database_url, daemon)
+    run_id = trigger(database_url, "solo")
+    started = daemon.wait_for("run_started", run_id=run_id)
+    assert started["via"] == "reservation"
+    wait_until(lambda: _status(database_url, run_id)[0] == "succeeded", what="run succeeded")
+    assert _status(database_url, run_id) == ("succeeded", None, worker_id)
+    # The claim recorded the first step as claim() does, and the run event.
+    steps = query(
+        database_url,
+        "SELECT attempt, position, status FROM syncworker.run_steps WHERE run_id = %s",
+        (run_id,),
+    )
+    assert steps == [(1, 0, "succeeded")]
+    [(attempt,)] = query(
+        database_url, "SELECT attempt FROM syncworker.runs WHERE id = %s", (run_id,)
+    )
+    assert attempt == 1
+    assert daemon.stop() == 0
+    assert_invariants(database_url, last_trigger={("solo", None): run_id})
+
+
+def test_a_trigger_while_the_worker_is_busy_is_not_reserved(database_url, tmp_path, start):
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    hold = trigger(database_url, "hold")
+    daemon.wait_for("run_started", run_id=hold)
+    run_id = trigger(database_url, "other")
+    assert _status(database_url, run_id)[:2] == ("pending", None)  # its slot is taken
+    release(database_url)
+    assert daemon.wait_for("run_started", run_id=run_id)["via"] == "claim"
+    assert daemon.stop() == 0
+
+
+def test_a_busy_worker_gives_its_reservation_back(database_url, tmp_path, start):
+    """A reservation reaching a worker without a free slot (trigger() saw an
+    older state) is released, and the run claimed once the slot frees."""
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    worker_id = _worker_id(database_url, daemon)
+    hold = trigger(database_url, "hold")
+    daemon.wait_for("run_started", run_id=hold)
+    run_id = _pending_run(database_url, "other", reserved_for=worker_id)
+    _notify_reservation(database_url, run_id)
+    wait_until(
+        lambda: _status(database_url, run_id)[:2] == ("pending", None),
+        what="the reservation released",
+    )
+    release(database_url)
+    wait_until(lambda: _status(database_url, run_id)[0] == "succeeded", what="run claimed later")
+    assert daemon.wait_for("run_started", run_id=run_id)["via"] == "claim"
+    assert daemon.stop() == 0
+    assert_invariants(database_url)
+
+
+def test_no_reservation_for_a_dead_worker(database_url, tmp_path, start):
+    """A worker row that looks idle but whose session (lock) is gone is passed over."""
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    worker_id = _worker_id(database_url, daemon)
+    execute(
+        database_url,
+        "INSERT INTO syncworker.workers (id, hostname, pid, version, state, concurrency,"
+        " first_steps, heartbeat_at) VALUES ('ghost', 'h', 1, 'v', 'idle', 4, %s,"
+        " now() + interval '1 hour')",
+        (json.dumps({"solo": "sw_testjobs:record"}),),
+    )
+    run_id = trigger(database_url, "solo")
+    started = daemon.wait_for("run_started", run_id=run_id)
+    assert started["via"] == "reservation"
+    wait_until(lambda: _status(database_url, run_id)[0] == "succeeded", what="run succeeded")
+    assert _status(database_url, run_id)[2] == worker_id
+    assert daemon.stop() == 0
+
+
+def test_the_reservation_of_a_dead_worker_is_cleared(database_url, tmp_path, start):
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    execute(
+        database_url,
+        "INSERT INTO syncworker.workers (id, hostname, pid, version, state)"
+        " VALUES ('ghost', 'h', 1, 'v', 'idle')",
+    )
+    run_id = _pending_run(database_url, "solo", reserved_for="ghost")
+    # Judged once the server has been up past the grace after an outage
+    # (sql/005, README): at most 10 s + 3 heartbeats on a fresh server.
+    wait_until(
+        lambda: _status(database_url, run_id)[0] == "succeeded",
+        timeout=40,
+        what="the ghost's reservation cleared and the run claimed",
+    )
+    assert daemon.stop() == 0
+    assert_invariants(database_url)
+
+
+def test_a_reservation_whose_notification_was_missed_is_taken_up_on_reconnect(
+    database_url, tmp_path, start
+):
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    worker_id = _worker_id(database_url, daemon)
+    run_id = _pending_run(database_url, "solo", reserved_for=worker_id)
+    [(killed,)] = query(
+        database_url,
+        "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
+        " JOIN syncworker.workers w ON l.objid = w.lock_key::bigint::oid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND w.id = %s",
+        (worker_id,),
+    )
+    assert killed == 1
+    daemon.wait_for("db_reconnected")
+    # Its own reservation, read back once listening again, and claimed as one.
+    assert daemon.wait_for("run_started", run_id=run_id)["via"] == "reservation"
+    wait_until(lambda: _status(database_url, run_id)[0] == "succeeded", what="run claimed")
+    assert daemon.stop() == 0
+    assert_invariants(database_url)
+
+
+def test_a_draining_worker_gives_its_reservations_back(database_url, tmp_path, start):
+    """Stopping with a run in flight: a reservation reaching it then is
+    released, and another worker runs it."""
+    config = write_config(tmp_path / "c.toml", database_url, JOBS, concurrency=2)
+    first = start(config)
+    first_id = _worker_id(database_url, first)
+    hold = trigger(database_url, "hold")
+    first.wait_for("run_started", run_id=hold)
+    first.signal(signal.SIGTERM)
+    first.wait_for("drain_started")
+    run_id = _pending_run(database_url, "solo", reserved_for=first_id)
+    _notify_reservation(database_url, run_id)
+    wait_until(
+        lambda: _status(database_url, run_id)[:2] == ("pending", None),
+        what="the reservation released",
+    )
+    second = start(config)
+    wait_until(lambda: _status(database_url, run_id)[0] == "succeeded", what="run served")
+    assert _status(database_url, run_id)[2] == _worker_id(database_url, second)
+    release(database_url)
+    assert first.wait_exit(60) == 0
+    assert second.stop() == 0
+    assert_invariants(database_url)
+
+
+def test_a_notify_trigger_is_claimed_by_the_call_that_enqueues_it(database_url, tmp_path, start):
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    # Past its start-up claims (a claim in flight would take its only slot).
+    wait_until(
+        lambda: query(database_url, "SELECT state FROM syncworker.workers") == [("idle",)],
+        what="the worker idle",
+    )
+    execute(database_url, "NOTIFY sync_trigger, 'solo'")
+    started = daemon.wait_for("run_started", job="solo")
+    assert started["via"] == "trigger"
+    run_id = started["run_id"]
+    wait_until(lambda: _status(database_url, run_id)[0] == "succeeded", what="run succeeded")
+    steps = query(
+        database_url,
+        "SELECT attempt, position, status FROM syncworker.run_steps WHERE run_id = %s",
+        (run_id,),
+    )
+    assert steps == [(1, 0, "succeeded")]
+    assert daemon.stop() == 0
+    assert_invariants(database_url)
+
+
+def test_two_workers_hearing_one_notify_run_it_once(database_url, tmp_path, start):
+    """Both enqueue it: one creates and claims the run, the other's trigger
+    joins it (or follows it up); the key never runs twice at once."""
+    config = write_config(tmp_path / "c.toml", database_url, JOBS)
+    pair = [start(config), start(config)]
+    for _ in range(30):
+        execute(database_url, "NOTIFY sync_trigger, 'solo'")
+    wait_until(
+        lambda: (
+            query(
+                database_url,
+                "SELECT count(*) FROM syncworker.runs WHERE status IN ('pending', 'running')",
+            )
+            == [(0,)]
+            and sum(len(d.events("trigger_enqueued")) for d in pair) == 60
+        ),
+        what="every NOTIFY enqueued by both and served",
+    )
+    vias = {r["via"] for d in pair for r in d.events("run_started")}
+    assert "trigger" in vias
+    for d in pair:
+        assert d.stop() == 0
+    assert_invariants(database_url)
