@@ -116,11 +116,15 @@ def _sw_one_key(
         sent = time.monotonic() - began
 
         def all_taken() -> bool:
+            # Counted over the held run too: a trigger that came before its
+            # claim was in (a reserved run starts first) joined it, and the
+            # worker asked for a follow-up run for it.
             row = conn.execute(
                 "SELECT coalesce(sum(triggers), 0) FROM syncworker.runs"
-                " WHERE job = 'one' AND status = 'pending'"
+                " WHERE job = 'one' AND id >= %s",
+                (first_id[0],),
             ).fetchone()
-            return bool(row and row[0] >= n)
+            return bool(row and row[0] >= n + 1)
 
         wait_until(all_taken, 120, f"the worker to take {n} triggers", worker, every=0.1)
         taken = time.monotonic() - began

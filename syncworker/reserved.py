@@ -66,14 +66,21 @@ async def claim(
     first_step: str,
 ) -> int | None:
     """Write the reserved run's claim; its first step's row id, or None when
-    the run is not (or could not be made) this worker's."""
+    the run is not (or could not be made) this worker's.
+
+    Until the claim is in, the run is still `pending`, and a trigger of its
+    key joins it instead of asking for a run after it; but the step may have
+    begun before that trigger. So when triggers joined the run, a follow-up
+    run is requested: every trigger is followed by a run that starts after it.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CLAIM_FOR
     delay = 0.05
     while True:
         try:
             async with connect() as conn:
-                return await store.claim_reserved(conn, run, first_step)
+                claimed = await store.claim_reserved(conn, run, first_step)
+            break
         except psycopg.OperationalError as exc:
             if loop.time() + delay > deadline:
                 log.warning("claim_failed", run_id=run.id, error=str(exc).strip()[:200])
@@ -83,3 +90,30 @@ async def claim(
         except psycopg.Error as exc:
             log.error("claim_failed", run_id=run.id, error=str(exc).strip()[:200])
             return None
+    if claimed is None:
+        return None
+    step_id, triggers = claimed
+    if triggers > 1:
+        await _follow_up(store, connect, log, run, triggers - 1)
+    return step_id
+
+
+async def _follow_up(
+    store: Store, connect: Connect, log: FilteringBoundLogger, run: ClaimedRun, joined: int
+) -> None:
+    """Request the run after this one for triggers that joined it while its
+    step may already have been under way."""
+    try:
+        async with connect() as conn:
+            await store.trigger(
+                conn,
+                run.job,
+                run.scope,
+                source=run.source,
+                triggered_by=run.triggered_by,
+                payload=run.payload,
+            )
+    except psycopg.Error as exc:
+        log.error("followup_failed", run_id=run.id, joined=joined, error=str(exc).strip()[:200])
+        return
+    log.debug("followup_requested", run_id=run.id, joined=joined)

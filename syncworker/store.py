@@ -487,10 +487,11 @@ class Store:
 
     async def claim_reserved(
         self, conn: psycopg.AsyncConnection[Any], run: ClaimedRun, first_step: str
-    ) -> int | None:
+    ) -> tuple[int, int] | None:
         """Claim a run trigger() reserved for this worker (sql/005), recording
-        its first step's start as claim() does; returns that step's row id, or
-        None when the reservation is no longer this worker's."""
+        its first step's start as claim() does; returns that step's row id and
+        the triggers coalesced into the run, or None when the reservation is
+        no longer this worker's."""
         try:
             cur = await conn.execute(
                 self.q_claim_reserved,
@@ -499,7 +500,7 @@ class Store:
         except psycopg.errors.UniqueViolation:
             return None  # a run of the key is running after all: not ours to start
         row = await cur.fetchone()
-        return None if row is None else int(row[0])
+        return None if row is None else (int(row[0]), int(row[1]))
 
     async def reserved_runs(
         self, conn: psycopg.AsyncConnection[Any], worker_id: str
@@ -986,7 +987,7 @@ WITH claimed AS (
         attempt = r.attempt + 1, reserved_for = NULL, current_step = %(step)s
     WHERE r.id = %(id)s AND r.status = 'pending' AND r.reserved_for = %(worker)s
       AND r.attempt = %(attempt)s - 1
-    RETURNING r.id, r.attempt, """
+    RETURNING r.id, r.attempt, r.triggers, """
     + _EVENT.replace("{event}", "'run_started'")
     + """ AS event
 ), step AS (
@@ -994,7 +995,7 @@ WITH claimed AS (
     SELECT c.id, c.attempt, 0, %(step)s, 'running' FROM claimed c
     RETURNING id
 )
-SELECT id FROM step
+SELECT s.id, c.triggers FROM step s, claimed c
 """
 )
 

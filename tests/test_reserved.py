@@ -206,16 +206,18 @@ def test_a_draining_worker_gives_its_reservations_back(database_url, tmp_path, s
 
 def test_a_notify_trigger_is_claimed_by_the_call_that_enqueues_it(database_url, tmp_path, start):
     daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
-    # Past its start-up claims (a claim in flight would take its only slot).
-    wait_until(
-        lambda: query(database_url, "SELECT state FROM syncworker.workers") == [("idle",)],
-        what="the worker idle",
-    )
-    execute(database_url, "NOTIFY sync_trigger, 'solo'")
-    started = daemon.wait_for("run_started", job="solo")
+    # A claim of the worker's own in flight (its start-up claim, a heartbeat's
+    # safety-net wake) holds its only slot, and the run then goes the
+    # reservation's way: a few NOTIFYs, one after another, must see the call
+    # claim one.
+    for n in range(1, 6):
+        execute(database_url, "NOTIFY sync_trigger, 'solo'")
+        started = daemon.wait_for("run_succeeded", count=n, job="solo")
+        started = daemon.events("run_started", run_id=started["run_id"])[0]
+        if started["via"] == "trigger":
+            break
     assert started["via"] == "trigger"
     run_id = started["run_id"]
-    wait_until(lambda: _status(database_url, run_id)[0] == "succeeded", what="run succeeded")
     steps = query(
         database_url,
         "SELECT attempt, position, status FROM syncworker.run_steps WHERE run_id = %s",
@@ -248,4 +250,34 @@ def test_two_workers_hearing_one_notify_run_it_once(database_url, tmp_path, star
     assert "trigger" in vias
     for d in pair:
         assert d.stop() == 0
+    assert_invariants(database_url)
+
+
+def test_triggers_that_joined_a_reserved_run_before_its_claim_get_a_follow_up(
+    database_url, tmp_path, start
+):
+    """The step may begin before the claim is in; a trigger that joined the
+    still-pending run meanwhile must still be followed by a run after it."""
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    worker_id = _worker_id(database_url, daemon)
+    run_id = _pending_run(database_url, "solo", reserved_for=worker_id)
+    execute(database_url, "UPDATE syncworker.runs SET triggers = 3 WHERE id = %s", (run_id,))
+    _notify_reservation(database_url, run_id)
+    assert daemon.wait_for("run_started", run_id=run_id)["via"] == "reservation"
+    wait_until(
+        lambda: (
+            query(
+                database_url,
+                "SELECT count(*) FROM syncworker.runs WHERE job = 'solo' AND status = 'succeeded'",
+            )
+            == [(2,)]
+        ),
+        what="the run and its follow-up",
+    )
+    [(first_started, follow_up_started)] = query(
+        database_url,
+        "SELECT min(started_at), max(started_at) FROM syncworker.runs WHERE job = 'solo'",
+    )
+    assert follow_up_started > first_started
+    assert daemon.stop() == 0
     assert_invariants(database_url)
