@@ -48,7 +48,7 @@ def read_reservation(payload: str, worker_id: str) -> ClaimedRun | None:
             scope=None if data.get("scope") is None else str(data["scope"]),
             source=str(data["source"]),
             triggered_by=None if data.get("triggered_by") is None else str(data["triggered_by"]),
-            payload=dict(data.get("payload") or {}),
+            payload={},  # reserved through a notification only when empty (sql/005)
             scheduled_for=None if scheduled is None else datetime.fromisoformat(scheduled),
             attempt=int(data["attempt"]) + 1,
             max_attempts=int(data["max_attempts"]),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import signal
 
+import psycopg
+
 from tests.harness import Daemon, execute, query, release, wait_until, write_config
 from tests.invariants import assert_invariants, trigger
 
@@ -281,3 +283,15 @@ def test_triggers_that_joined_a_reserved_run_before_its_claim_get_a_follow_up(
     assert follow_up_started > first_started
     assert daemon.stop() == 0
     assert_invariants(database_url)
+
+
+def test_a_payload_never_goes_out_on_the_wake_channel(database_url, tmp_path, start):
+    """Any role may LISTEN; a trigger's payload is for those who may read runs."""
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute("LISTEN syncworker_wake")
+        run_id = trigger(database_url, "solo", secret="s3cr3t-value")
+        assert daemon.wait_for("run_started", run_id=run_id)["via"] == "claim"
+        heard = [n.payload for n in listener.notifies(timeout=1.0)]
+    assert heard and not any("s3cr3t-value" in p for p in heard), heard
+    assert daemon.stop() == 0

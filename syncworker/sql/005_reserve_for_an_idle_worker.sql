@@ -110,9 +110,10 @@ BEGIN
             USING ERRCODE = '22023', HINT = 'scopes: ' || array_to_string(j.scopes, ', ');
     END IF;
 
-    -- One run, with a payload that fits in a notification (8000 bytes, with
-    -- room for the rest of the run).
-    reservable := cardinality(scope_list) = 1 AND octet_length(trigger.payload::text) <= 6000;
+    -- One run. Its notification goes out on a channel any role may LISTEN
+    -- to, so a run with a payload is reserved only for the worker calling
+    -- (trigger_and_claim, which sends none): the payload stays in the table.
+    reservable := cardinality(scope_list) = 1;
 
     FOREACH one_scope IN ARRAY scope_list LOOP
         IF j.on_overlap = 'skip' AND EXISTS (
@@ -150,6 +151,8 @@ BEGIN
             FOR taker IN
                 SELECT w.id, w.lock_key FROM __SCHEMA__.workers w
                 WHERE w.state IN ('idle', 'running') AND w.first_steps ? j.name
+                  AND (trigger.payload = '{}'::jsonb
+                       OR w.id = current_setting('syncworker.prefer', true))
                   AND w.concurrency > (
                       SELECT count(*) FROM __SCHEMA__.runs r
                       WHERE r.worker_id = w.id AND r.status = 'running')
@@ -173,7 +176,7 @@ BEGIN
                 PERFORM pg_notify(__WAKE__, json_build_object(
                     'reserved_for', taker.id, 'id', new_run.id, 'job', new_run.job,
                     'scope', new_run.scope, 'source', new_run.source,
-                    'triggered_by', new_run.triggered_by, 'payload', new_run.payload,
+                    'triggered_by', new_run.triggered_by,
                     'scheduled_for', new_run.scheduled_for, 'attempt', new_run.attempt,
                     'max_attempts', new_run.max_attempts)::text);
                 RETURN;
