@@ -248,8 +248,9 @@ def test_two_workers_hearing_one_notify_run_it_once(database_url, tmp_path, star
         ),
         what="every NOTIFY enqueued by both and served",
     )
-    vias = {r["via"] for d in pair for r in d.events("run_started")}
-    assert "trigger" in vias
+    # Which way each run became whose (claim, reservation, or claimed by the
+    # enqueueing call) depends on timing; that the key never ran twice at
+    # once does not: the invariants below.
     for d in pair:
         assert d.stop() == 0
     assert_invariants(database_url)
