@@ -35,6 +35,20 @@ def _worker_id(url: str, daemon: Daemon) -> str:
     return str(worker_id)
 
 
+def _idle(url: str, daemon: Daemon) -> str:
+    """Wait until the worker's row says idle (trigger() reserves only for a
+    worker whose state is written); returns its id."""
+    worker_id = _worker_id(url, daemon)
+    wait_until(
+        lambda: (
+            query(url, "SELECT state FROM syncworker.workers WHERE id = %s", (worker_id,))
+            == [("idle",)]
+        ),
+        what="the worker's state written idle",
+    )
+    return worker_id
+
+
 def _status(url: str, run_id: int) -> tuple[str, str | None, str | None]:
     [row] = query(
         url, "SELECT status, reserved_for, worker_id FROM syncworker.runs WHERE id = %s", (run_id,)
@@ -69,7 +83,7 @@ def _notify_reservation(url: str, run_id: int) -> None:
 
 def test_an_idle_worker_starts_its_reserved_run(database_url, tmp_path, start):
     daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
-    worker_id = _worker_id(database_url, daemon)
+    worker_id = _idle(database_url, daemon)
     run_id = trigger(database_url, "solo")
     started = daemon.wait_for("run_started", run_id=run_id)
     assert started["via"] == "reservation"
@@ -124,7 +138,7 @@ def test_a_busy_worker_gives_its_reservation_back(database_url, tmp_path, start)
 def test_no_reservation_for_a_dead_worker(database_url, tmp_path, start):
     """A worker row that looks idle but whose session (lock) is gone is passed over."""
     daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
-    worker_id = _worker_id(database_url, daemon)
+    worker_id = _idle(database_url, daemon)
     execute(
         database_url,
         "INSERT INTO syncworker.workers (id, hostname, pid, version, state, concurrency,"
