@@ -68,12 +68,9 @@ class RunEnv:
 
 async def _claimed(env: RunEnv) -> bool:
     """Wait for a reserved run's claim; False if it did not make the run ours."""
-    if env.claim is None:
-        return True
-    try:
-        return await asyncio.shield(env.claim) is not None
-    except Exception:
-        return False
+    # Shielded: a run cancelled while waiting must not cancel the claim's
+    # future, which the worker's own callback watches. It never raises.
+    return env.claim is None or await asyncio.shield(env.claim) is not None
 
 
 async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], env: RunEnv) -> str:
@@ -185,8 +182,8 @@ async def _attempt(
             finally:
                 await _stop_flushing(flusher, step_over)
                 _, step_counters = ctx.snapshot()
-                if step_id is None:
-                    step_id = await env.claim if env.claim is not None else None
+                if step_id is None and env.claim is not None:
+                    step_id = await env.claim
                 if step_id is None:  # the reservation was not ours after all
                     env.lost.set()
                     raise asyncio.CancelledError

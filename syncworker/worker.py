@@ -426,55 +426,15 @@ class Worker:
         await self.store.offer(conn, self.id, self.settings.concurrency, enabled)
 
     async def _enqueue(self, requests: Sequence[TriggerRequest]) -> None:
-        runs: list[dict[str, Any]] = []
         # All of a notification's requests or none; a lone trigger() call is
         # atomic by itself, and BEGIN and COMMIT would cost two round trips.
         atomic = len(requests) > 1
-        steps = self._steps  # as the claim records them, whatever a reload does
         try:
             async with self._connect() as conn, conn.transaction() if atomic else nullcontext():
                 if not atomic:
-                    # A lone request: the run it creates may be claimed for us
-                    # by the same call, and start on its answer.
-                    [req] = requests
-                    job_steps = steps.get(req.job)
-                    first = job_steps[0].name if job_steps and self._free_slot() else None
-                    self._starting += first is not None
-                    try:
-                        made = await self.store.trigger_and_claim(
-                            conn,
-                            self.id,
-                            first,
-                            req.job,
-                            req.scope,
-                            source=req.source,
-                            triggered_by=req.triggered_by,
-                            payload=req.payload,
-                        )
-                    finally:
-                        self._starting -= first is not None
-                    if first is not None and all(claimed is None for _, _, claimed in made):
-                        self._wake.set()  # the slot it held is free again
-                    for run_id, created, claimed in made:
-                        if claimed is not None and job_steps:
-                            self._start_run(claimed, job_steps, via="trigger")
-                        runs.append(
-                            {"job": req.job, "scope": req.scope}
-                            | {"run_id": run_id, "created": created}
-                        )
-                for req in requests if atomic else ():
-                    ids = await self.store.trigger(
-                        conn,
-                        req.job,
-                        req.scope,
-                        source=req.source,
-                        triggered_by=req.triggered_by,
-                        payload=req.payload,
-                    )
-                    runs += [
-                        {"job": req.job, "scope": req.scope, "run_id": i, "created": created}
-                        for i, created in ids
-                    ]
+                    runs = await self._enqueue_and_claim(conn, requests[0])
+                else:
+                    runs = await self._enqueue_all(conn, requests)
         except psycopg.errors.InvalidParameterValue as exc:
             # trigger() refused it (the database's view of the jobs differs).
             reason = exc.diag.message_primary or str(exc)
@@ -490,6 +450,57 @@ class Worker:
         # and may reserve the run for one, which a claim of ours would only
         # delay (claims pass reserved runs over).
         self.log.info("trigger_enqueued", runs=runs)
+
+    async def _enqueue_all(
+        self, conn: psycopg.AsyncConnection[Any], requests: Sequence[TriggerRequest]
+    ) -> list[dict[str, Any]]:
+        runs: list[dict[str, Any]] = []
+        for req in requests:
+            ids = await self.store.trigger(
+                conn,
+                req.job,
+                req.scope,
+                source=req.source,
+                triggered_by=req.triggered_by,
+                payload=req.payload,
+            )
+            runs += [
+                {"job": req.job, "scope": req.scope, "run_id": i, "created": created}
+                for i, created in ids
+            ]
+        return runs
+
+    async def _enqueue_and_claim(
+        self, conn: psycopg.AsyncConnection[Any], req: TriggerRequest
+    ) -> list[dict[str, Any]]:
+        """A lone request: the run it creates may be claimed for us by the
+        same call (trigger_and_claim), and start on its answer."""
+        job_steps = self._steps.get(req.job)  # as the claim records them
+        first = job_steps[0].name if job_steps and self._free_slot() else None
+        self._starting += first is not None
+        try:
+            made = await self.store.trigger_and_claim(
+                conn,
+                self.id,
+                first,
+                req.job,
+                req.scope,
+                source=req.source,
+                triggered_by=req.triggered_by,
+                payload=req.payload,
+            )
+        finally:
+            self._starting -= first is not None
+        claimed_runs = [claimed for _, _, claimed in made if claimed is not None]
+        if job_steps:  # set whenever a run was claimed: `first` needs it
+            for run in claimed_runs:
+                self._start_run(run, job_steps, via="trigger")
+        if first is not None and not claimed_runs:
+            self._wake.set()  # the slot it held is free again
+        return [
+            {"job": req.job, "scope": req.scope, "run_id": run_id, "created": created}
+            for run_id, created, _ in made
+        ]
 
     # -- cron ------------------------------------------------------------------------
 

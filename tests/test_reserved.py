@@ -73,7 +73,7 @@ def _notify_reservation(url: str, run_id: int) -> None:
     [(payload,)] = query(
         url,
         "SELECT json_build_object('reserved_for', reserved_for, 'id', id, 'job', job,"
-        " 'scope', scope, 'source', source, 'triggered_by', triggered_by, 'payload', payload,"
+        " 'scope', scope, 'source', source, 'triggered_by', triggered_by,"
         " 'scheduled_for', scheduled_for, 'attempt', attempt,"
         " 'max_attempts', max_attempts)::text FROM syncworker.runs WHERE id = %s",
         (run_id,),
