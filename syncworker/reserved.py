@@ -105,7 +105,7 @@ async def _follow_up(
     step may already have been under way."""
     try:
         async with connect() as conn:
-            await store.trigger(
+            made = await store.trigger(
                 conn,
                 run.job,
                 run.scope,
@@ -116,4 +116,9 @@ async def _follow_up(
     except psycopg.Error as exc:
         log.error("followup_failed", run_id=run.id, joined=joined, error=str(exc).strip()[:200])
         return
-    log.debug("followup_requested", run_id=run.id, joined=joined)
+    # A run nobody triggered directly: said at info, with its id, so that
+    # whoever counts runs against triggers can tell where it came from.
+    [(followup_id, created)] = made
+    log.info(
+        "followup_requested", run_id=run.id, joined=joined, followup_id=followup_id, created=created
+    )

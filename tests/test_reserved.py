@@ -296,6 +296,8 @@ def test_triggers_that_joined_a_reserved_run_before_its_claim_get_a_follow_up(
         "SELECT min(started_at), max(started_at) FROM syncworker.runs WHERE job = 'solo'",
     )
     assert follow_up_started > first_started
+    said = daemon.wait_for("followup_requested", run_id=run_id)
+    assert (said["joined"], said["created"]) == (2, True)
     assert daemon.stop() == 0
     assert_invariants(database_url)
 
