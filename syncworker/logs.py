@@ -6,6 +6,7 @@ the worker keeps its own: the worker gets a logger built here and passes it on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -28,10 +29,18 @@ def redact(text: str) -> str:
     return _KV_PASSWORD.sub(r"\g<head>***", text)
 
 
+@functools.lru_cache(maxsize=1024)
+def _secret_key(key: str) -> bool:
+    """Whether a field of this name holds a secret. Every log line asks it of
+    each of its fields, and they are nearly always the same few names."""
+    lowered = key.lower()
+    return any(word in lowered for word in _SECRET_KEYS)
+
+
 def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in event.items():
         if isinstance(value, str):
-            if any(word in key.lower() for word in _SECRET_KEYS):
+            if _secret_key(key):
                 event[key] = redact(value) if "://" in value or "=" in value else "***"
             else:
                 event[key] = redact(value)
