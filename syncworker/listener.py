@@ -1,12 +1,12 @@
 """The LISTEN session: connect, listen, reconnect with backoff.
 
 Besides listening it holds the worker's liveness lock (taken once per
-connection in `on_connect`), and `on_notify` may run statements on it, as
-the worker does to enqueue a NOTIFY trigger: PostgreSQL delivers
-notifications between transactions, so they wait while a statement runs and
-are read once the callback returns. The session is one that has just woken to
-deliver the NOTIFY; a pooled one has often idled for as long as the worker,
-and the call took 0.25 ms longer there.
+connection in `on_connect`), and `on_notify` may run statements on it when
+the notification came alone, as the worker does to enqueue a NOTIFY trigger:
+this session has just woken to deliver the NOTIFY, where a pooled one has
+often idled for as long as the worker, and the call took 0.25 ms longer
+there. PostgreSQL delivers notifications between transactions, so others
+wait while a statement runs and are read with its result.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from psycopg import sql
 from structlog.typing import FilteringBoundLogger
 
 OnConnect = Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
-# Called with the listening session, free to run statements on until it returns.
-OnNotify = Callable[[psycopg.AsyncConnection[Any], psycopg.Notify], Awaitable[None]]
+# Called with the listening session, free to run statements on until it
+# returns; None unless the notification came alone (see listen_forever).
+OnNotify = Callable[[psycopg.AsyncConnection[Any] | None, psycopg.Notify], Awaitable[None]]
 OnState = Callable[[bool], None]
 
 INITIAL_BACKOFF = 0.1
@@ -79,11 +80,20 @@ async def listen_forever(
                     )
                     disconnected_since = None
                 on_state(True)
+                # A statement on the session reads, before its result, every
+                # notification the server holds for it: in a burst, thousands,
+                # into memory. So the session is offered only for a
+                # notification that came alone; a burst waits in the server.
+                alone = False
                 while True:
                     while heard:
-                        await on_notify(conn, heard.popleft())
+                        notify = heard.popleft()
+                        await on_notify(conn if alone and not heard else None, notify)
+                        alone = False
                     if await _readable(conn, ping_every):
-                        heard.extend(_read(conn))
+                        batch = _read(conn)
+                        alone = len(batch) == 1
+                        heard.extend(batch)
                     else:
                         # Quiet for a while: prove the session is still there.
                         await conn.execute("SELECT 1")

@@ -324,7 +324,9 @@ class Worker:
             self.log.info("worker_started", channel=self.settings.channel, jobs=sorted(self._jobs))
             systemd.notify(f"READY=1\nSTATUS=listening on {self.settings.channel}")
 
-    async def _on_notify(self, conn: psycopg.AsyncConnection[Any], notify: psycopg.Notify) -> None:
+    async def _on_notify(
+        self, session: psycopg.AsyncConnection[Any] | None, notify: psycopg.Notify
+    ) -> None:
         if notify.channel == self.store.wake:
             if reserved.is_reservation(notify.payload):
                 self._on_reservation(notify.payload)
@@ -345,7 +347,7 @@ class Worker:
             # The call goes out first, and the line is written while the
             # database works on it: a log line is a tenth of the time from
             # the NOTIFY to the step.
-            enqueue = asyncio.ensure_future(self._enqueue(conn, parsed))
+            enqueue = asyncio.ensure_future(self._enqueue(session, parsed))
             try:
                 await asyncio.sleep(0)  # one turn: the task sends the call
                 said = self._log_received(notify)
@@ -441,14 +443,18 @@ class Worker:
         await self.store.offer(conn, self.id, self.settings.concurrency, enabled)
 
     async def _enqueue(
-        self, conn: psycopg.AsyncConnection[Any], requests: Sequence[TriggerRequest]
+        self, session: psycopg.AsyncConnection[Any] | None, requests: Sequence[TriggerRequest]
     ) -> None:
-        """Enqueue on the session that heard the NOTIFY (listener.py says why)."""
+        """Enqueue on the session that heard the NOTIFY when it is offered
+        (listener.py says why), else on a pooled one."""
         # All of a notification's requests or none; a lone trigger() call is
         # atomic by itself, and BEGIN and COMMIT would cost two round trips.
         atomic = len(requests) > 1
         try:
-            async with conn.transaction() if atomic else nullcontext():
+            async with (
+                nullcontext(session) if session is not None else self._connect() as conn,
+                conn.transaction() if atomic else nullcontext(),
+            ):
                 if not atomic:
                     runs = await self._enqueue_and_claim(conn, requests[0])
                 else:
