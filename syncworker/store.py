@@ -278,11 +278,12 @@ class Store:
         triggered_by: str | None,
         payload: Mapping[str, Any],
     ) -> list[tuple[int, bool, ClaimedRun | None]]:
-        """trigger() for a worker that heard a NOTIFY: a run it creates is
-        reserved for this worker if it may take it (`first_step` given) and
-        claimed in the same call, as claim() with the first step's start
-        would. Returns each run's id, whether it was created, and the run
-        claimed for this worker, if any."""
+        """trigger() for a worker that heard a NOTIFY: when this worker may
+        take the run (`first_step` given) and the key has nothing pending,
+        the run is inserted already claimed for it, with the first step's
+        start, as claim() would write it (sql/006); otherwise plain trigger().
+        Returns each run's id, whether it was created, and the run claimed
+        for this worker, if any."""
         cur = await conn.execute(
             self.q_trigger_and_claim,
             {
