@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import psycopg
 import typer
@@ -23,12 +23,16 @@ import typer
 from syncworker import schedule
 from syncworker.api import TriggerError, trigger_sync
 from syncworker.config import ConfigError, Settings, config_path, load_config
+from syncworker.heap import freeze_startup_heap
 from syncworker.logs import forward_library_logs, make_logger, redact
 from syncworker.progress import TERMINAL, ProgressView
 from syncworker.status import render, to_json
 from syncworker.steps import resolve_job_steps
 from syncworker.store import Store
 from syncworker.version import VERSION
+
+if TYPE_CHECKING:
+    from syncworker.worker import Worker
 
 EX_UNAVAILABLE = 69
 EX_NOPERM = 77
@@ -172,16 +176,26 @@ def run(
             server.close()
 
 
-async def _serve(worker: Any) -> None:
+async def _serve(worker: Worker) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     loop.add_signal_handler(signal.SIGHUP, worker.reload)
+    freezer = asyncio.create_task(_freeze_when_started(worker), name="heap-freezer")
     try:
         await worker.run()
     finally:
+        freezer.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+async def _freeze_when_started(worker: Worker) -> None:
+    # Once the worker listens, its modules, steps and sessions are in place:
+    # the heap from then on is what the process keeps (see syncworker.heap).
+    await worker.ready.wait()
+    frozen, took = freeze_startup_heap()
+    worker.log.debug("heap_frozen", objects=frozen, ms=round(took, 1))
 
 
 @app.command()

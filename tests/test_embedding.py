@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 
 import psycopg
@@ -20,6 +21,8 @@ def test_async_with_worker_serves_triggers_and_stops_cleanly(database_url, capsy
             "jobs": {"sync": {"steps": ["sw_testjobs:record"], "scopes": ["A", "B"]}},
         }
     )
+
+    frozen_before = gc.get_freeze_count()
 
     async def host() -> list[tuple[str, str]]:
         async with syncworker.Worker(settings, log=make_logger("info", "json")) as worker:
@@ -44,6 +47,8 @@ def test_async_with_worker_serves_triggers_and_stops_cleanly(database_url, capsy
 
     rows = asyncio.run(host())
     assert rows == [("succeeded", "stopped"), ("succeeded", "stopped")]
+    # Only `syncworker run` freezes its heap; the host's heap is the host's.
+    assert gc.get_freeze_count() == frozen_before
     assert '"event": "worker_stopped"' in capsys.readouterr().err
 
 

@@ -127,3 +127,11 @@ async def burst(ctx: SyncContext) -> None:
         ctx.count(processed=1)
         if i % 100 == 99:
             await asyncio.sleep(pause)
+
+
+def heap(ctx: SyncContext) -> None:
+    """Counts the objects the process's collector has been told to skip
+    (gc.freeze): what the daemon did to its heap, seen from a step."""
+    import gc
+
+    ctx.count(processed=gc.get_freeze_count())
