@@ -148,6 +148,9 @@ def worker_routes(
     metrics: Metrics,
 ) -> dict[str, Route]:
     """The three endpoints over one worker's state and database."""
+    # Built now, at start: importing prometheus_client on the first scrape
+    # would hold the loop, and a trigger or cron fire with it, for ~50 ms.
+    metrics.registry  # noqa: B018
 
     async def healthz() -> Response:
         reason = health()

@@ -1,30 +1,25 @@
-"""The worker's Prometheus metrics, in a registry of its own.
+"""The worker's metrics: plain counts kept as things happen.
 
-Counters and the histogram are updated where things happen in the worker;
-the database-backed gauges (pending runs, last success) are read at scrape
-time by `render`, so they are fresh and shared by every instance alike.
+The worker counts triggers and runs here as they happen; the database-backed
+gauges (pending runs, last success) are read at scrape time, so they are
+fresh and shared by every instance alike. prometheus_client is imported only
+when something asks for the Prometheus form (`registry`, `render`): in
+syncworker.metrics_export. A worker without `http` never loads it, which
+keeps some 1.4 MiB of modules out of every idle process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from bisect import bisect_left
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    GCCollector,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from psycopg import sql
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 # The plain text format generate_latest writes; newer prometheus-client
 # versions advertise 1.0.0 as "latest", which older Prometheus servers reject.
@@ -79,135 +74,91 @@ async def read_snapshot(conn: psycopg.AsyncConnection[Any], schema: str) -> DbSn
     return DbSnapshot(pending=pending, last_success=last)
 
 
-class _DbCollector(Collector):
-    def __init__(self) -> None:
-        self.snapshot: DbSnapshot | None = None
-
-    def collect(self) -> Iterator[Metric]:
-        snap = self.snapshot
-        if snap is None:
-            return
-        pending = GaugeMetricFamily(
-            "syncworker_runs_pending", "Runs waiting to be claimed, by job.", labels=["job"]
-        )
-        for job, n in sorted(snap.pending.items()):
-            pending.add_metric([job], n)
-        yield pending
-        last = GaugeMetricFamily(
-            "syncworker_last_success_timestamp_seconds",
-            "When the last succeeded run of each job and scope finished (Unix time).",
-            labels=["job", "scope"],
-        )
-        for job, scope, ts in sorted(snap.last_success, key=lambda r: (r[0], r[1] or "")):
-            last.add_metric([job, scope or ""], ts)
-        yield last
+TriggerOutcome = Literal["received", "rejected", "failed"]
+RUN_STATUSES_SHOWN = ("succeeded", "failed")
 
 
-class _WithoutCreated(Collector):
-    """The registry less the `*_created` samples, which the text format can
-    only show as extra gauge series. (prometheus_client's own switch for
-    this is process-wide.)"""
+@dataclass
+class Durations:
+    """One job's run-duration histogram: a count per bucket (not cumulative;
+    the last one is above every bound), the count and the sum."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    count: int = 0
+    total: float = 0.0
 
-    def collect(self) -> Iterator[Metric]:
-        for metric in self._registry.collect():
-            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
-            yield metric
+    def observe(self, seconds: float) -> None:
+        # A bucket counts what is at most its bound: bisect_left finds it.
+        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.count += 1
+        self.total += seconds
 
 
 class Metrics:
     """One worker's metrics; nothing goes to prometheus_client's global registry."""
 
     def __init__(self, version: str, worker_id: str, jobs: Iterable[str]) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
-        Gauge(
-            "syncworker_up",
-            "1 while this worker process serves metrics; labels give its version and id.",
-            ["version", "worker_id"],
-            registry=r,
-        ).labels(version, worker_id).set(1)
-        self.database_up = Gauge(
-            "syncworker_database_up",
-            "1 while the worker's LISTEN session to the database is in place.",
-            registry=r,
-        )
-        self.reconnects = Counter(
-            "syncworker_database_reconnects",
-            "Times the LISTEN session came back after being lost.",
-            registry=r,
-        )
-        self.triggers_received = Counter(
-            "syncworker_triggers_received",
-            "NOTIFY payloads received on the trigger channel.",
-            registry=r,
-        )
-        self.triggers_rejected = Counter(
-            "syncworker_triggers_rejected",
-            "Received NOTIFY payloads refused (bad payload, unknown or disabled job or scope).",
-            registry=r,
-        )
-        self.triggers_failed = Counter(
-            "syncworker_triggers_failed",
-            "Received NOTIFY payloads that could not be stored (database error).",
-            registry=r,
-        )
-        self.runs_running = Gauge(
-            "syncworker_runs_running",
-            "Runs this worker is executing now, by job.",
-            ["job"],
-            registry=r,
-        )
-        self.runs_finished = Counter(
-            "syncworker_runs_finished",
-            "Runs this worker finished, by job and final status.",
-            ["job", "status"],
-            registry=r,
-        )
-        self.run_duration = Histogram(
-            "syncworker_run_duration_seconds",
-            "Time from claim to outcome of the runs this worker finished, by job.",
-            ["job"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self._db = _DbCollector()
-        r.register(self._db)
-        self._exposed = _WithoutCreated(r)
+        self.version = version
+        self.worker_id = worker_id
+        self.database_up = False
+        self.reconnects = 0
+        self.triggers: dict[TriggerOutcome, int] = {"received": 0, "rejected": 0, "failed": 0}
+        self.running: dict[str, int] = {}
+        self.finished: dict[tuple[str, str], int] = {}
+        self.durations: dict[str, Durations] = {}
+        # Set only while render() builds its answer (see there).
+        self.snapshot: DbSnapshot | None = None
         self._seen_up = False
+        self._registry: CollectorRegistry | None = None
         # Every job's series from the start: a series that appears only at its
         # first increment hides that increment from rate() and increase().
         for job in jobs:
-            self.runs_running.labels(job)
-            self.run_duration.labels(job)
-            for status in ("succeeded", "failed"):
-                self.runs_finished.labels(job, status)
+            self._job(job)
+            for status in RUN_STATUSES_SHOWN:
+                self.finished.setdefault((job, status), 0)
+
+    def _job(self, job: str) -> None:
+        self.running.setdefault(job, 0)
+        self.durations.setdefault(job, Durations())
 
     def database_state(self, up: bool) -> None:
-        self.database_up.set(1 if up else 0)
+        self.database_up = up
         if up and self._seen_up:
-            self.reconnects.inc()
+            self.reconnects += 1
         self._seen_up = self._seen_up or up
 
+    def count_trigger(self, outcome: TriggerOutcome) -> None:
+        self.triggers[outcome] += 1
+
     def run_started(self, job: str) -> None:
-        self.runs_running.labels(job).inc()
+        self._job(job)
+        self.running[job] += 1
 
     def run_finished(self, job: str, status: str, seconds: float) -> None:
-        self.runs_running.labels(job).dec()
-        self.runs_finished.labels(job, status).inc()
-        self.run_duration.labels(job).observe(seconds)
+        self._job(job)
+        self.running[job] -= 1
+        self.finished[job, status] = self.finished.get((job, status), 0) + 1
+        self.durations[job].observe(seconds)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """These metrics and the process's own (`process_*`, `python_*`) in a
+        prometheus_client registry of this worker's own, built on first use."""
+        if self._registry is None:
+            from syncworker.metrics_export import build_registry
+
+            self._registry = build_registry(self)
+        return self._registry
 
     def render(self, snapshot: DbSnapshot | None) -> bytes:
         """The text exposition; the database gauges are left out without a snapshot."""
+        from prometheus_client import generate_latest
+
+        registry = self.registry
         # Set and generated with no await in between: concurrent scrapes
         # cannot see each other's snapshot.
-        self._db.snapshot = snapshot
+        self.snapshot = snapshot
         try:
-            return generate_latest(self._exposed)
+            return generate_latest(registry)
         finally:
-            self._db.snapshot = None
+            self.snapshot = None

@@ -333,13 +333,13 @@ class Worker:
             else:
                 self._wake.set()
             return
-        self.metrics.triggers_received.inc()
+        self.metrics.count_trigger("received")
         said = False  # trigger_received, which every notification gets first
         try:
             parsed = parse_notification(notify.payload, self._job_info)
             if isinstance(parsed, Rejected):
                 said = self._log_received(notify)
-                self.metrics.triggers_rejected.inc()
+                self.metrics.count_trigger("rejected")
                 self.log.warning(
                     "trigger_rejected", reason=parsed.reason, payload=notify.payload[:200]
                 )
@@ -358,7 +358,7 @@ class Worker:
             # trips a bug; this runs on the listener, whose end would be ours.
             if not said:
                 self._log_received(notify)
-            self.metrics.triggers_failed.inc()
+            self.metrics.count_trigger("failed")
             self.log.error("trigger_failed", error=repr(exc)[:500], exc_info=True)
 
     def _log_received(self, notify: psycopg.Notify) -> bool:
@@ -462,11 +462,11 @@ class Worker:
         except psycopg.errors.InvalidParameterValue as exc:
             # trigger() refused it (the database's view of the jobs differs).
             reason = exc.diag.message_primary or str(exc)
-            self.metrics.triggers_rejected.inc()
+            self.metrics.count_trigger("rejected")
             self.log.warning("trigger_rejected", reason=reason.removeprefix("syncworker: "))
             return
         except psycopg.Error as exc:
-            self.metrics.triggers_failed.inc()
+            self.metrics.count_trigger("failed")
             self.log.error("trigger_failed", error=str(exc).strip().splitlines()[0])
             return
         # One outcome per notification: this, trigger_rejected or trigger_failed.

@@ -178,9 +178,56 @@ def test_each_worker_has_a_registry_of_its_own() -> None:
 
     settings = validate_config({"jobs": {"j": {"steps": ["sw_testjobs:record"]}}})
     one, two = Worker(settings), Worker(settings)  # no "Duplicated timeseries"
-    one.metrics.triggers_received.inc()
-    assert two.metrics.triggers_received._value.get() == 0
+    one.metrics.count_trigger("received")
+    assert one.metrics.registry.get_sample_value("syncworker_triggers_received_total") == 1
+    assert two.metrics.registry.get_sample_value("syncworker_triggers_received_total") == 0
     assert REGISTRY.get_sample_value("syncworker_triggers_received_total") is None
+
+
+def test_run_durations_fall_in_the_buckets_prometheus_would_put_them_in() -> None:
+    from syncworker.metrics import Metrics
+
+    metrics = Metrics("v", "w", ["j"])
+    for seconds in (0.05, 0.1, 0.2, 7200, 9000):  # a bound counts in its own bucket
+        metrics.run_started("j")
+        metrics.run_finished("j", "succeeded", seconds)
+    registry = metrics.registry
+
+    def bucket(le: str) -> float | None:
+        return registry.get_sample_value(
+            "syncworker_run_duration_seconds_bucket", {"job": "j", "le": le}
+        )
+
+    assert [bucket(le) for le in ("0.1", "0.5", "3600.0", "7200.0", "+Inf")] == [2, 3, 3, 4, 5]
+    assert registry.get_sample_value("syncworker_run_duration_seconds_count", {"job": "j"}) == 5
+    assert registry.get_sample_value(
+        "syncworker_run_duration_seconds_sum", {"job": "j"}
+    ) == pytest.approx(16200.35)
+    assert registry.get_sample_value("syncworker_runs_running", {"job": "j"}) == 0
+
+
+def test_a_worker_without_http_never_imports_prometheus_client() -> None:
+    """Some 1.4 MiB of every idle worker that serves no /metrics."""
+    import subprocess
+    import sys
+
+    from tests.harness import _base_env
+
+    code = (
+        "import sys\n"
+        "import syncworker.cli\n"
+        "from syncworker.config import validate_config\n"
+        "from syncworker.worker import Worker\n"
+        "w = Worker(validate_config({'jobs': {'j': {'steps': ['sw_testjobs:record']}}}))\n"
+        "w.metrics.count_trigger('received')\n"
+        "w.metrics.run_started('j')\n"
+        "w.metrics.run_finished('j', 'succeeded', 0.5)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('prometheus_client')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_base_env()
+    )
+    assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr
 
 
 # -- /healthz --------------------------------------------------------------------------------
