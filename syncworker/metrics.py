@@ -81,16 +81,14 @@ RUN_STATUSES_SHOWN = ("succeeded", "failed")
 @dataclass
 class Durations:
     """One job's run-duration histogram: a count per bucket (not cumulative;
-    the last one is above every bound), the count and the sum."""
+    the last one is above every bound) and the sum."""
 
     buckets: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
-    count: int = 0
     total: float = 0.0
 
     def observe(self, seconds: float) -> None:
         # A bucket counts what is at most its bound: bisect_left finds it.
         self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
-        self.count += 1
         self.total += seconds
 
 
