@@ -117,10 +117,19 @@ class Store:
         self.q_progress = q(_PROGRESS)
         self.q_step_start = q(_STEP_START)
         self.q_step_finish = q(_STEP_FINISH)
-        self.q_claim_fire = q(
+        claim_fire = (
             "UPDATE {s}.jobs SET last_fire_at = %(fire)s"
             " WHERE name = %(job)s AND (last_fire_at IS NULL OR last_fire_at < %(fire)s)"
             " RETURNING name"
+        )
+        self.q_claim_fire = q(claim_fire)
+        # The claim and its runs in one statement, so one round trip where
+        # BEGIN, the claim, trigger() and COMMIT took four. A row per run, or
+        # one with no run; no row at all: the fire was claimed already.
+        self.q_enqueue_fire = q(
+            "WITH fire AS (" + claim_fire + ")"
+            " SELECT t.run_id, t.created FROM fire LEFT JOIN LATERAL"
+            " {s}.trigger(fire.name, NULL, 'cron', 'cron', %(payload)s, %(fire)s) AS t ON true"
         )
         self.q_orphans = q(_ORPHANS)
         self.q_unreserve_gone = q(_UNRESERVE_GONE)
@@ -335,15 +344,16 @@ class Store:
         claimed the fire already. The claim and the enqueue commit together,
         so a worker dying in between leaves the fire to the others.
         """
-        async with conn.transaction():
+        if not run:
             cur = await conn.execute(self.q_claim_fire, {"fire": fire, "job": job})
-            if await cur.fetchone() is None:
-                return None
-            if not run:
-                return []
-            return await self.trigger(
-                conn, job, None, source="cron", triggered_by="cron", scheduled_for=fire
-            )
+            return None if await cur.fetchone() is None else []
+        cur = await conn.execute(
+            self.q_enqueue_fire, {"fire": fire, "job": job, "payload": Jsonb({})}
+        )
+        rows = await cur.fetchall()
+        if not rows:
+            return None
+        return [(int(run_id), bool(created)) for run_id, created in rows if run_id is not None]
 
     async def set_next_fire(
         self, conn: psycopg.AsyncConnection[Any], fires: Mapping[str, datetime | None]
