@@ -13,19 +13,7 @@ import pytest
 
 from syncworker.store import Store
 from tests.harness import cli, query, write_config
-
-JOBS = """
-[jobs.solo]
-steps = ["sw_testjobs:record"]
-
-[jobs.pfa]
-steps = ["sw_testjobs:record"]
-scopes = ["RIO", "HOU"]
-
-[jobs.off]
-steps = ["sw_testjobs:record"]
-enabled = false
-"""
+from tests.test_trigger_sql import JOBS  # solo, pfa (two scopes), off (disabled)
 
 # After the baseline registration gives each job (its last_fire_at: now).
 FIRE = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
