@@ -106,10 +106,17 @@ class Store:
         self._s = s
         q = self._compose
         self.q_trigger = q("SELECT run_id, created FROM {s}.trigger(%s, %s, %s, %s, %s, %s)")
+        # The same, within a lock budget (see _LOCK_BUDGET).
+        self.q_trigger_budgeted = q(
+            _LOCK_BUDGET.format("%s") + " SELECT t.run_id, t.created FROM budget,"
+            " LATERAL {s}.trigger(%s || left(budget.v, 0), %s, %s, %s, %s, %s) AS t"
+        )
         self.q_claim = q(_CLAIM)
         self.q_trigger_and_claim = q(
-            "SELECT run_id, created, step_id, max_attempts FROM {s}.trigger_and_claim("
-            "%(me)s, %(first)s, %(events)s, %(job)s, %(scope)s, %(source)s, %(by)s, %(payload)s)"
+            _LOCK_BUDGET.format("%(lock_timeout)s")
+            + " SELECT t.run_id, t.created, t.step_id, t.max_attempts FROM budget,"
+            " LATERAL {s}.trigger_and_claim(%(me)s || left(budget.v, 0), %(first)s, %(events)s,"
+            " %(job)s, %(scope)s, %(source)s, %(by)s, %(payload)s) AS t"
         )
         self.q_finish = q(_FINISH)
         self.q_requeue = q(_REQUEUE)
@@ -268,11 +275,22 @@ class Store:
         triggered_by: str | None = None,
         payload: Mapping[str, Any] | None = None,
         scheduled_for: datetime | None = None,
+        lock_timeout: str | None = None,
     ) -> list[tuple[int, bool]]:
-        cur = await conn.execute(
-            self.q_trigger,
-            (job, scope, source, triggered_by, Jsonb(dict(payload or {})), scheduled_for),
+        """trigger(); with `lock_timeout`, it raises LockNotAvailable rather
+        than wait longer than that for a lock (see _LOCK_BUDGET)."""
+        args: tuple[Any, ...] = (
+            job,
+            scope,
+            source,
+            triggered_by,
+            Jsonb(dict(payload or {})),
+            scheduled_for,
         )
+        if lock_timeout is None:
+            cur = await conn.execute(self.q_trigger, args)
+        else:
+            cur = await conn.execute(self.q_trigger_budgeted, (lock_timeout, *args))
         return [(int(r[0]), bool(r[1])) for r in await cur.fetchall()]
 
     async def trigger_and_claim(
@@ -286,16 +304,19 @@ class Store:
         source: str,
         triggered_by: str | None,
         payload: Mapping[str, Any],
+        lock_timeout: str | None = None,
     ) -> list[tuple[int, bool, ClaimedRun | None]]:
         """trigger() for a worker that heard a NOTIFY: when this worker may
         take the run (`first_step` given) and the key has nothing pending,
         the run is inserted already claimed for it, with the first step's
         start, as claim() would write it (sql/006); otherwise plain trigger().
         Returns each run's id, whether it was created, and the run claimed
-        for this worker, if any."""
+        for this worker, if any. A `lock_timeout` bounds its lock waits
+        (see _LOCK_BUDGET)."""
         cur = await conn.execute(
             self.q_trigger_and_claim,
             {
+                "lock_timeout": lock_timeout,
                 "me": worker_id,
                 "first": first_step,
                 "events": self.events_channel,
@@ -782,6 +803,18 @@ ON CONFLICT (name) DO UPDATE SET
 
 # pg_notify() in RETURNING publishes the run event in the same statement, and
 # so in the same transaction, as the status change it reports.
+# A statement that brings its own lock_timeout, for the listener's enqueues:
+# an app transaction holding a key (its trigger() left uncommitted) must not
+# stall the session every notification comes through. set_config(..., true)
+# lasts for the current transaction: in autocommit, this statement alone. The
+# MATERIALIZED CTE is evaluated once, and the call takes an argument from it
+# (an empty string), so the setting is in place before the call runs. None
+# keeps the session's own setting.
+_LOCK_BUDGET = (
+    "WITH budget AS MATERIALIZED (SELECT set_config('lock_timeout',"
+    " coalesce({}::text, current_setting('lock_timeout')), true) AS v)"
+)
+
 _EVENT = (
     "pg_notify(%(events)s, json_build_object('event', {event}, 'run_id', r.id, 'job', r.job,"
     " 'scope', r.scope, 'status', r.status)::text)"

@@ -56,6 +56,9 @@ PRUNE_BATCH = 500
 CHECK_IDLE_AFTER = 1.0
 # How long after a change of state (idle, running, draining) it is written.
 STATE_SETTLE = 0.2
+# The longest a NOTIFY's enqueue waits for a lock while the listener waits
+# for it (see _enqueue). Two triggers of one key contend for milliseconds.
+LISTENER_LOCK_TIMEOUT = "50ms"
 
 
 class Worker:
@@ -445,10 +448,22 @@ class Worker:
         await self.store.offer(conn, self.id, self.settings.concurrency, enabled)
 
     async def _enqueue(
-        self, session: psycopg.AsyncConnection[Any] | None, requests: Sequence[TriggerRequest]
+        self,
+        session: psycopg.AsyncConnection[Any] | None,
+        requests: Sequence[TriggerRequest],
+        lock_timeout: str | None = LISTENER_LOCK_TIMEOUT,
+        claim: bool = True,
     ) -> None:
         """Enqueue on the session that heard the NOTIFY when it is offered
-        (listener.py says why), else on a pooled one."""
+        (listener.py says why), else on a pooled one.
+
+        The listener waits for this call before it reads the next
+        notification, so the call may wait for a lock only `lock_timeout`:
+        an app transaction holding the key (a trigger() of it left open)
+        would hold up every notification behind it. A request that finds
+        its key locked is enqueued again in the background, where it waits
+        as long as the lock is held, holding no slot (`claim` False: a
+        plain trigger(), whose wake-up gets the run claimed)."""
         # All of a notification's requests or none; a lone trigger() call is
         # atomic by itself, and BEGIN and COMMIT would cost two round trips.
         atomic = len(requests) > 1
@@ -458,9 +473,14 @@ class Worker:
                 conn.transaction() if atomic else nullcontext(),
             ):
                 if not atomic:
-                    runs = await self._enqueue_and_claim(conn, requests[0])
+                    runs = await self._enqueue_and_claim(conn, requests[0], lock_timeout, claim)
                 else:
-                    runs = await self._enqueue_all(conn, requests)
+                    runs = await self._enqueue_all(conn, requests, lock_timeout)
+        except psycopg.errors.LockNotAvailable:
+            # Nothing was written (the statement, or the transaction, failed).
+            self.log.info("trigger_deferred", reason="its key is locked by an open transaction")
+            self._spawn(self._enqueue(None, requests, lock_timeout=None, claim=False))
+            return
         except psycopg.errors.InvalidParameterValue as exc:
             # trigger() refused it (the database's view of the jobs differs).
             reason = exc.diag.message_primary or str(exc)
@@ -478,7 +498,10 @@ class Worker:
         self.log.info("trigger_enqueued", runs=runs)
 
     async def _enqueue_all(
-        self, conn: psycopg.AsyncConnection[Any], requests: Sequence[TriggerRequest]
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        requests: Sequence[TriggerRequest],
+        lock_timeout: str | None,
     ) -> list[dict[str, Any]]:
         runs: list[dict[str, Any]] = []
         for req in requests:
@@ -489,6 +512,7 @@ class Worker:
                 source=req.source,
                 triggered_by=req.triggered_by,
                 payload=req.payload,
+                lock_timeout=lock_timeout,
             )
             runs += [
                 {"job": req.job, "scope": req.scope, "run_id": i, "created": created}
@@ -497,12 +521,16 @@ class Worker:
         return runs
 
     async def _enqueue_and_claim(
-        self, conn: psycopg.AsyncConnection[Any], req: TriggerRequest
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        req: TriggerRequest,
+        lock_timeout: str | None,
+        claim: bool,
     ) -> list[dict[str, Any]]:
         """A lone request: the run it creates may be claimed for us by the
         same call (trigger_and_claim), and start on its answer."""
         job_steps = self._steps.get(req.job)  # as the claim records them
-        first = job_steps[0].name if job_steps and self._free_slot() else None
+        first = job_steps[0].name if claim and job_steps and self._free_slot() else None
         self._starting += first is not None
         try:
             made = await self.store.trigger_and_claim(
@@ -514,6 +542,7 @@ class Worker:
                 source=req.source,
                 triggered_by=req.triggered_by,
                 payload=req.payload,
+                lock_timeout=lock_timeout,
             )
         finally:
             self._starting -= first is not None
