@@ -708,11 +708,17 @@ class Store:
         return int(row[0]) if row is not None else 0
 
     async def prune_history(
-        self, conn: psycopg.AsyncConnection[Any], days: float, batch: int
+        self, conn: psycopg.AsyncConnection[Any], days: float, after: int, until: int
     ) -> int:
-        """Delete up to `batch` finished runs older than `days`; returns how many."""
-        cur = await conn.execute(self.q_prune, {"days": days, "batch": batch})
+        """Delete the finished runs older than `days` whose id is in
+        (`after`, `until`], but the newest of each key; returns how many."""
+        cur = await conn.execute(self.q_prune, {"days": days, "after": after, "until": until})
         return cur.rowcount
+
+    async def max_run_id(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        cur = await conn.execute(self._compose("SELECT coalesce(max(id), 0) FROM {s}.runs"))
+        row = await cur.fetchone()
+        return int(row[0]) if row is not None else 0
 
     # -- reading -----------------------------------------------------------------
 
@@ -1087,19 +1093,24 @@ WITH freed AS (
 SELECT count(pg_notify(%(wake)s, job)) FROM freed
 """
 
-# Small batches under SKIP LOCKED, so pruning never holds many locks or waits
-# on another instance doing the same. The newest run of each key is kept
-# however old, so `status` and the metrics still show every key's last result.
+# One window of ids (pruning.py), under SKIP LOCKED, so pruning never holds
+# many locks or waits on another instance doing the same. The newest run of
+# each key is kept however old, so `status` and the metrics still show every
+# key's last result. The test for a newer run is split on scope being NULL:
+# `IS NOT DISTINCT FROM` cannot use runs_by_job (job, scope, id DESC), and
+# without the index each test read every run of the job.
 _PRUNE = """
 WITH old AS (
     SELECT r.id FROM {s}.runs r
-    WHERE r.status IN ('succeeded', 'failed', 'cancelled', 'skipped')
+    WHERE r.id > %(after)s AND r.id <= %(until)s
+      AND r.status IN ('succeeded', 'failed', 'cancelled', 'skipped')
       AND r.finished_at < now() - make_interval(secs => %(days)s * 86400)
-      AND EXISTS (
-          SELECT 1 FROM {s}.runs n
-          WHERE n.job = r.job AND n.scope IS NOT DISTINCT FROM r.scope AND n.id > r.id)
-    ORDER BY r.id
-    LIMIT %(batch)s
+      AND (r.scope IS NULL AND EXISTS (
+               SELECT 1 FROM {s}.runs n
+               WHERE n.job = r.job AND n.scope IS NULL AND n.id > r.id)
+           OR r.scope IS NOT NULL AND EXISTS (
+               SELECT 1 FROM {s}.runs n
+               WHERE n.job = r.job AND n.scope = r.scope AND n.id > r.id))
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM {s}.runs AS r USING old WHERE r.id = old.id

@@ -33,6 +33,7 @@ from syncworker.listener import KEEPALIVES, MAX_BACKOFF, listen_forever
 from syncworker.logs import make_logger
 from syncworker.metrics import Metrics
 from syncworker.orchestrator import RunEnv, execute_run
+from syncworker.pruning import prune_pass
 from syncworker.reload import plan_reload
 from syncworker.steps import Step, resolve_job_steps
 from syncworker.store import ClaimedRun, Store, fetch_scopes
@@ -47,7 +48,6 @@ SCHEDULER_MAX_SLEEP = 300.0
 STALE_HEARTBEATS = 3
 RECONNECT_ATTEMPT = 10.0
 PRUNE_EVERY = 3600.0
-PRUNE_BATCH = 500
 # A pooled connection that completed its work less than this long ago, with
 # no outage seen since, is handed out without the pool's check: a round trip
 # that cost as much again as the claim it preceded. One that died within the
@@ -961,22 +961,16 @@ class Worker:
         self._state_changed.set()
 
     async def _prune_history(self) -> None:
-        """Delete finished runs older than history_days, a small batch at a time,
-        at start and then hourly; a timer, since age is all that decides it."""
+        """Delete finished runs older than history_days (pruning.py), at start
+        and then hourly; a timer, since age is all that decides it."""
         while True:
             await self._db_up.wait()
             days = self.settings.history_days
             if days > 0:
-                deleted = 0
                 try:
-                    while True:
-                        async with self._connect() as conn:
-                            n = await self.store.prune_history(conn, days, PRUNE_BATCH)
-                        deleted += n
-                        if n < PRUNE_BATCH:
-                            break
-                        await asyncio.sleep(0)  # let triggers and claims in between
-                except psycopg.OperationalError as exc:
+                    deleted = await prune_pass(self.store, self._connect, self.log, days)
+                except psycopg.Error as exc:
+                    deleted = 0
                     self.log.warning("history_prune_failed", error=str(exc).strip()[:200])
                 if deleted:
                     self.log.info("history_pruned", deleted=deleted, older_than_days=days)
