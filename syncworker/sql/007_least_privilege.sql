@@ -222,7 +222,8 @@ BEGIN
     -- New objects: only the owner, whatever default privileges would give
     -- (INSERT on payload_grants is a grant of every payload). The README
     -- grants SELECT on run_payloads.
-    FOREACH object IN ARRAY ARRAY['__SCHEMA__.payload_grants', '__SCHEMA__.run_payloads']::regclass[]
+    FOREACH object IN ARRAY
+        ARRAY['__SCHEMA__.payload_grants', '__SCHEMA__.run_payloads']::regclass[]
     LOOP
         FOR holder IN
             SELECT DISTINCT a.grantee FROM pg_class c, aclexplode(c.relacl) a
