@@ -285,10 +285,11 @@ async def _wait_for_runs(
     rows: dict[int, dict[str, Any] | None] = {}
     stale = set(wanted)
     reread_at = loop.time() + _REREAD_EVERY
+    payload = await store.may_read_payload(conn)  # the app role may not (sql/007)
     try:
         while True:
             for run_id in sorted(stale):
-                rows[run_id] = row = await store.read_run(conn, run_id)
+                rows[run_id] = row = await store.read_run(conn, run_id, payload=payload)
                 if row is not None and view is not None:
                     view.row(row)
             stale.clear()

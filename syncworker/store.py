@@ -30,6 +30,8 @@ RUN_COLUMNS = (
     "current_step, records_total, records_processed, records_inserted, records_updated, "
     "records_deleted, records_errored, error"
 )
+# What a role granted every column of runs but payload may select (sql/007).
+RUN_COLUMNS_NO_PAYLOAD = RUN_COLUMNS.replace("payload, ", "")
 
 
 @dataclass(frozen=True)
@@ -143,10 +145,15 @@ class Store:
         self.q_claim_reserved = q(_CLAIM_RESERVED)
         self.q_release_reserved = q(_RELEASE_RESERVED)
         self.q_offer = q(
-            "UPDATE {s}.workers SET concurrency = %(concurrency)s, first_steps = %(first)s"
-            " WHERE id = %(id)s"
+            "UPDATE {s}.workers SET concurrency = %(concurrency)s, first_steps = %(first)s,"
+            " reserve_by_id = %(by_id)s WHERE id = %(id)s"
         )
+        self.q_run = q("SELECT " + RUN_COLUMNS + _ONE_RUN)
+        self.q_run_no_payload = q("SELECT " + RUN_COLUMNS_NO_PAYLOAD + _ONE_RUN)
+        self.q_recent_runs = q("SELECT " + RUN_COLUMNS + _RECENT_RUNS)
+        self.q_recent_runs_no_payload = q("SELECT " + RUN_COLUMNS_NO_PAYLOAD + _RECENT_RUNS)
         self.q_prune = q(_PRUNE)
+        self.q_payload_privilege = q(_PAYLOAD_PRIVILEGE)
 
     def _compose(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(s=self._s)
@@ -585,12 +592,21 @@ class Store:
         worker_id: str,
         concurrency: int,
         first_steps: Mapping[str, str],
+        *,
+        reserve_by_id: bool = False,
     ) -> None:
         """Tell trigger() what this worker takes reservations for: its slots
-        and each enabled job's first step."""
+        and each enabled job's first step. `reserve_by_id`: it claims a
+        reservation from the run's row, reading only the run's id off the
+        wake (sql/007); trigger() reserves for no other worker."""
         await conn.execute(
             self.q_offer,
-            {"id": worker_id, "concurrency": concurrency, "first": Jsonb(dict(first_steps))},
+            {
+                "id": worker_id,
+                "concurrency": concurrency,
+                "first": Jsonb(dict(first_steps)),
+                "by_id": reserve_by_id,
+            },
         )
 
     def _fence(self, run: ClaimedRun) -> dict[str, Any]:
@@ -722,9 +738,20 @@ class Store:
 
     # -- reading -----------------------------------------------------------------
 
+    async def may_read_payload(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Whether this role may select runs.payload (sql/007: the app role
+        may not, and reads payloads per scope from run_payloads). True when
+        there is no runs table: the read that follows says so."""
+        cur = await conn.execute(self.q_payload_privilege, (self.schema,))
+        row = await cur.fetchone()
+        return row is None or bool(row[0])
+
     async def read_status(
         self, conn: psycopg.AsyncConnection[Any], *, limit: int, job: str | None
     ) -> dict[str, Any]:
+        """Workers, jobs, recent runs and a summary. The runs have no
+        `payload` key when this role may not read it."""
+        payload = await self.may_read_payload(conn)
         async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 self._compose(
@@ -750,10 +777,7 @@ class Store:
             )
             jobs = await cur.fetchall()
             await cur.execute(
-                self._compose(
-                    "SELECT " + RUN_COLUMNS + " FROM {s}.runs"
-                    " WHERE %(job)s::text IS NULL OR job = %(job)s ORDER BY id DESC LIMIT %(limit)s"
-                ),
+                self.q_recent_runs if payload else self.q_recent_runs_no_payload,
                 {"job": job, "limit": limit},
             )
             runs = await cur.fetchall()
@@ -773,14 +797,27 @@ class Store:
         return {"workers": workers, "jobs": jobs, "runs": runs, "summary": summary or {}}
 
     async def read_run(
-        self, conn: psycopg.AsyncConnection[Any], run_id: int
+        self, conn: psycopg.AsyncConnection[Any], run_id: int, *, payload: bool | None = None
     ) -> dict[str, Any] | None:
+        """One run's row; without `payload` when this role may not read it
+        (asked of the database unless `payload` says)."""
+        if payload is None:
+            payload = await self.may_read_payload(conn)
         async with conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                self._compose("SELECT " + RUN_COLUMNS + " FROM {s}.runs WHERE id = %s"), (run_id,)
-            )
+            await cur.execute(self.q_run if payload else self.q_run_no_payload, (run_id,))
             return await cur.fetchone()
 
+
+_ONE_RUN = " FROM {s}.runs WHERE id = %s"
+_RECENT_RUNS = (
+    " FROM {s}.runs WHERE %(job)s::text IS NULL OR job = %(job)s ORDER BY id DESC LIMIT %(limit)s"
+)
+
+_PAYLOAD_PRIVILEGE = """
+SELECT has_column_privilege(c.oid, 'payload', 'SELECT')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND c.relname = 'runs'
+"""
 
 _REGISTER_JOB = """
 INSERT INTO {s}.jobs AS j (name, enabled, schedule, timezone, scopes, scopes_sql, on_overlap,

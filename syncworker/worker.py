@@ -82,7 +82,7 @@ class Worker:
         self.settings = settings
         self._load = load
         self.log = log or make_logger(settings.log_level, settings.log_format)
-        self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.id = f"w-{secrets.token_hex(6)}"  # opaque: runs.worker_id is read by apps
         self.log = self.log.bind(worker_id=self.id)
         self.store = Store(settings.schema, settings.events_channel)
         self.metrics = Metrics(VERSION, self.id, settings.jobs)
