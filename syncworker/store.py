@@ -108,18 +108,10 @@ class Store:
         self._s = s
         q = self._compose
         self.q_trigger = q("SELECT run_id, created FROM {s}.trigger(%s, %s, %s, %s, %s, %s)")
-        # The same, within a lock budget (see _LOCK_BUDGET).
-        self.q_trigger_budgeted = q(
-            _LOCK_BUDGET.format("%s") + " SELECT t.run_id, t.created FROM budget,"
-            " LATERAL {s}.trigger(%s || left(budget.v, 0), %s, %s, %s, %s, %s) AS t"
-        )
+        # The same, within a lock budget (see _LOCK_BUDGET_HEAD).
+        self.q_trigger_budgeted = q(_TRIGGER_BUDGETED)
         self.q_claim = q(_CLAIM)
-        self.q_trigger_and_claim = q(
-            _LOCK_BUDGET.format("%(lock_timeout)s")
-            + " SELECT t.run_id, t.created, t.step_id, t.max_attempts FROM budget,"
-            " LATERAL {s}.trigger_and_claim(%(me)s || left(budget.v, 0), %(first)s, %(events)s,"
-            " %(job)s, %(scope)s, %(source)s, %(by)s, %(payload)s) AS t"
-        )
+        self.q_trigger_and_claim = q(_TRIGGER_AND_CLAIM)
         self.q_finish = q(_FINISH)
         self.q_requeue = q(_REQUEUE)
         self.q_next_attempt = q(_NEXT_ATTEMPT)
@@ -285,7 +277,7 @@ class Store:
         lock_timeout: str | None = None,
     ) -> list[tuple[int, bool]]:
         """trigger(); with `lock_timeout`, it raises LockNotAvailable rather
-        than wait longer than that for a lock (see _LOCK_BUDGET)."""
+        than wait longer than that for a lock (see _LOCK_BUDGET_HEAD)."""
         args: tuple[Any, ...] = (
             job,
             scope,
@@ -319,7 +311,7 @@ class Store:
         start, as claim() would write it (sql/006); otherwise plain trigger().
         Returns each run's id, whether it was created, and the run claimed
         for this worker, if any. A `lock_timeout` bounds its lock waits
-        (see _LOCK_BUDGET)."""
+        (see _LOCK_BUDGET_HEAD)."""
         cur = await conn.execute(
             self.q_trigger_and_claim,
             {
@@ -846,16 +838,28 @@ ON CONFLICT (name) DO UPDATE SET
 
 # pg_notify() in RETURNING publishes the run event in the same statement, and
 # so in the same transaction, as the status change it reports.
-# A statement that brings its own lock_timeout, for the listener's enqueues:
+# _LOCK_BUDGET_*: a statement that brings its own lock_timeout, for the
+# listener's enqueues:
 # an app transaction holding a key (its trigger() left uncommitted) must not
 # stall the session every notification comes through. set_config(..., true)
 # lasts for the current transaction: in autocommit, this statement alone. The
 # MATERIALIZED CTE is evaluated once, and the call takes an argument from it
 # (an empty string), so the setting is in place before the call runs. None
 # keeps the session's own setting.
-_LOCK_BUDGET = (
-    "WITH budget AS MATERIALIZED (SELECT set_config('lock_timeout',"
-    " coalesce({}::text, current_setting('lock_timeout')), true) AS v)"
+_LOCK_BUDGET_HEAD = "WITH budget AS MATERIALIZED (SELECT set_config('lock_timeout', coalesce("
+_LOCK_BUDGET_TAIL = "::text, current_setting('lock_timeout')), true) AS v)"
+
+_TRIGGER_BUDGETED = (
+    _LOCK_BUDGET_HEAD + "%s" + _LOCK_BUDGET_TAIL + " SELECT t.run_id, t.created FROM budget,"
+    " LATERAL {s}.trigger(%s || left(budget.v, 0), %s, %s, %s, %s, %s) AS t"
+)
+_TRIGGER_AND_CLAIM = (
+    _LOCK_BUDGET_HEAD
+    + "%(lock_timeout)s"
+    + _LOCK_BUDGET_TAIL
+    + " SELECT t.run_id, t.created, t.step_id, t.max_attempts FROM budget,"
+    " LATERAL {s}.trigger_and_claim(%(me)s || left(budget.v, 0), %(first)s, %(events)s,"
+    " %(job)s, %(scope)s, %(source)s, %(by)s, %(payload)s) AS t"
 )
 
 _EVENT = (
@@ -1018,6 +1022,8 @@ _GONE = """(w.id IS NULL
                    OR NOT EXISTS (
                        SELECT 1 FROM pg_locks l
                        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                         AND l.database = (SELECT oid FROM pg_database
+                                           WHERE datname = current_database())
                          AND l.classid = %(ns)s::bigint::oid
                          AND l.objid = w.lock_key::bigint::oid)))"""
 

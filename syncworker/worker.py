@@ -445,7 +445,11 @@ class Worker:
     async def _offer(self, conn: psycopg.AsyncConnection[Any]) -> None:
         first = {job: steps[0].name for job, steps in self._steps.items() if steps}
         enabled = {job: step for job, step in first.items() if job in self._claimable}
-        await self.store.offer(conn, self.id, self.settings.concurrency, enabled)
+        # We claim a reservation from its row and read nothing else off its
+        # wake (reserved.py), so trigger() may reserve for us (sql/007).
+        await self.store.offer(
+            conn, self.id, self.settings.concurrency, enabled, reserve_by_id=True
+        )
 
     async def _enqueue(
         self,

@@ -224,7 +224,9 @@ def test_a_worker_that_lost_its_session_stops_working_on_the_run(
     [(terminated,)] = conn.execute(
         "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
         " JOIN syncworker.workers w ON l.objid = w.lock_key::bigint::oid"
-        " WHERE l.locktype = 'advisory' AND l.granted AND w.pid = %s",
+        " WHERE l.locktype = 'advisory' AND l.granted"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND w.pid = %s",
         (a.proc.pid,),
     ).fetchall()
     assert terminated == 1
