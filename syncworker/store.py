@@ -836,12 +836,9 @@ ON CONFLICT (name) DO UPDATE SET
     updated_at = now()
 """
 
-# pg_notify() in RETURNING publishes the run event in the same statement, and
-# so in the same transaction, as the status change it reports.
 # _LOCK_BUDGET_*: a statement that brings its own lock_timeout, for the
-# listener's enqueues:
-# an app transaction holding a key (its trigger() left uncommitted) must not
-# stall the session every notification comes through. set_config(..., true)
+# listener's enqueues: an app transaction holding a key (its trigger() left
+# uncommitted) must not stall the session every notification comes through. set_config(..., true)
 # lasts for the current transaction: in autocommit, this statement alone. The
 # MATERIALIZED CTE is evaluated once, and the call takes an argument from it
 # (an empty string), so the setting is in place before the call runs. None
@@ -862,6 +859,8 @@ _TRIGGER_AND_CLAIM = (
     " %(job)s, %(scope)s, %(source)s, %(by)s, %(payload)s) AS t"
 )
 
+# pg_notify() in RETURNING publishes the run event in the same statement, and
+# so in the same transaction, as the status change it reports.
 _EVENT = (
     "pg_notify(%(events)s, json_build_object('event', {event}, 'run_id', r.id, 'job', r.job,"
     " 'scope', r.scope, 'status', r.status)::text)"
