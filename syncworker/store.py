@@ -118,9 +118,14 @@ class Store:
         self.q_progress = q(_PROGRESS)
         self.q_step_start = q(_STEP_START)
         self.q_step_finish = q(_STEP_FINISH)
+        # A fire is claimed only once due by the database's clock (with a
+        # second for the worker's reading of it, dbclock.py): a worker whose
+        # clock runs ahead can neither take fires early nor move
+        # last_fire_at past now, which would hold every fire back.
         claim_fire = (
             "UPDATE {s}.jobs SET last_fire_at = %(fire)s"
             " WHERE name = %(job)s AND (last_fire_at IS NULL OR last_fire_at < %(fire)s)"
+            " AND %(fire)s <= now() + interval '1 second'"
             " RETURNING name"
         )
         self.q_claim_fire = q(claim_fire)

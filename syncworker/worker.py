@@ -28,6 +28,7 @@ from structlog.typing import FilteringBoundLogger
 from syncworker import reserved, schedule, systemd
 from syncworker.aio import cancel_and_wait, wait_event
 from syncworker.config import ConfigError, JobConfig, Settings
+from syncworker.dbclock import DbClock
 from syncworker.http import start_http, worker_routes
 from syncworker.listener import KEEPALIVES, MAX_BACKOFF, listen_forever
 from syncworker.logs import make_logger
@@ -124,6 +125,7 @@ class Worker:
         self._reload = asyncio.Event()
         self._reload_with: Settings | None = None
         self._next_fires: dict[str, datetime | None] = {}
+        self._clock = DbClock(self.log)
         # Fire-and-forget writes (releasing a reservation): held so that
         # asyncio does not collect them mid-flight.
         self._background: set[asyncio.Task[Any]] = set()
@@ -581,8 +583,11 @@ class Worker:
             await wait_event(self._reschedule, delay)
 
     async def _schedule_pass(self) -> float:
-        """Enqueue every due fire; returns seconds until the next one."""
-        now = datetime.now(UTC)
+        """Enqueue every due fire; returns seconds until the next one. Times
+        are the database's (dbclock.py): every worker decides by one clock."""
+        async with self._connect() as conn:
+            await self._clock.read(conn)
+        now = self._clock.now()
         upcoming: dict[str, datetime | None] = {}
         for name, job in self._jobs.items():
             if not job.enabled or not job.schedule:
@@ -602,7 +607,7 @@ class Worker:
         soonest = min((t for t in upcoming.values() if t is not None), default=None)
         if soonest is None:
             return SCHEDULER_MAX_SLEEP
-        seconds = (soonest - datetime.now(UTC)).total_seconds()
+        seconds = (soonest - self._clock.now()).total_seconds()
         return min(max(seconds, 0.0), SCHEDULER_MAX_SLEEP)
 
     async def _fire(
