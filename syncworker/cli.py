@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 a run failed (trigger --wait) or an unexpected error;
 2 timeout (trigger --wait) or bad usage; 69 database unreachable (EX_UNAVAILABLE);
-77 the database role lacks a privilege (EX_NOPERM); 78 configuration error (EX_CONFIG).
+70 `run` ended without a requested stop (EX_SOFTWARE); 77 the database role
+lacks a privilege (EX_NOPERM); 78 configuration error (EX_CONFIG).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import typer
 from syncworker import schedule
 from syncworker.api import TriggerError, trigger_sync
 from syncworker.config import ConfigError, Settings, config_path, load_config
+from syncworker.exits import EX_SOFTWARE, guard_os_exit, real_exit
 from syncworker.heap import freeze_startup_heap
 from syncworker.logs import forward_library_logs, make_logger, redact
 from syncworker.progress import TERMINAL, ProgressView
@@ -138,7 +140,10 @@ def run(
         ),
     ] = False,
 ) -> None:
-    """Run the daemon until SIGTERM/SIGINT, then drain and exit 0."""
+    """Run the daemon until SIGTERM/SIGINT, then drain and exit 0.
+
+    Any other end is non-zero: 70 when the worker stopped by itself (a step it
+    could not cancel, a step calling os._exit, a crash), 69 or 78 as above."""
     from syncworker.worker import Worker
 
     settings = _settings(config, database_url, required=True)
@@ -168,26 +173,45 @@ def run(
                 load=lambda: load_config(config, required=True),
             )
             # Raised from inside too: the `http` address is bound at start.
-            asyncio.run(_serve(worker))
+            code = asyncio.run(_serve(worker))
         except ConfigError as exc:
             _fail(EX_CONFIG, f"config error: {exc}")
     finally:
         if server is not None:
             server.close()
+    if code:
+        raise typer.Exit(code)
 
 
-async def _serve(worker: Worker) -> None:
+async def _serve(worker: Worker) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     loop.add_signal_handler(signal.SIGHUP, worker.reload)
     freezer = asyncio.create_task(_freeze_when_started(worker), name="heap-freezer")
     try:
-        await worker.run()
+        with guard_os_exit(worker.log):
+            await worker.run()
+    except (ConfigError, psycopg.Error):
+        raise  # exit codes 78, 77 and 69, from run()
+    except Exception:
+        # Not a requested stop: non-zero, so that a supervisor restarts it.
+        worker.log.error("worker_crashed", exit_code=EX_SOFTWARE, exc_info=True)
+        return EX_SOFTWARE
     finally:
         freezer.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+    stuck = worker.stuck_tasks()
+    if stuck:
+        # asyncio.run() would wait for these forever as it closes the loop.
+        worker.log.error(
+            "worker_exit_abandoned",
+            exit_code=worker.exit_code,
+            steps=[left.describe() for left in stuck],
+        )
+        real_exit(worker.exit_code)
+    return worker.exit_code
 
 
 async def _freeze_when_started(worker: Worker) -> None:
