@@ -136,6 +136,11 @@ steps = ["sw_stepjobs:report_context"]
 [jobs.fails]
 isolation = "process"
 steps = ["sw_stepjobs:fails_in_child"]
+
+[jobs.child_plain]
+isolation = "process"
+timeout = 1.5
+steps = ["sw_stepjobs:ticking_plain"]
 """
 
 
@@ -171,6 +176,33 @@ def test_process_step_is_killed_on_timeout(url, tmp_path, start):
     time.sleep(0.5)
     assert spans(url, run_id)[-1][3] == last
     daemon.stop()
+
+
+def test_blocking_plain_function_in_a_process_is_killed(url, tmp_path, start):
+    daemon = start(write_config(tmp_path / "c.toml", url, PROCESS), env={"SW_TEST_URL": url})
+    run_id = trigger(url, "child_plain")
+    pid = child_pid(url, run_id)
+    wait_until(lambda: status_of(url, run_id) == "failed", timeout=15, what="the run timed out")
+    wait_until(lambda: not pid_alive(pid), timeout=10, what="the child gone")
+    assert not daemon.events("step_abandoned")  # killed, not abandoned
+    last = spans(url, run_id)[-1][3]
+    time.sleep(0.5)
+    assert spans(url, run_id)[-1][3] == last
+    daemon.stop()
+
+
+def test_process_step_sees_the_drain_request(url, tmp_path, start):
+    jobs = PROCESS.replace("timeout = 1.5", "timeout = 600")
+    daemon = start(write_config(tmp_path / "c.toml", url, jobs))
+    run_id = trigger(url, "child", {"cooperative": True})
+    child_pid(url, run_id)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(timeout=20) == 0
+    # It saw `stopping` and returned early: the drain rule requeues its run.
+    assert [w for _, _, w, _ in spans(url, run_id)][-1] == "stopped early"
+    assert status_of(url, run_id) == "pending"
+    line = daemon.wait_for("run_cancelled", run_id=run_id)
+    assert line["reason"] == "interrupted by shutdown"
 
 
 def test_process_step_is_killed_at_drain_timeout(url, tmp_path, start):
