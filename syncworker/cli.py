@@ -28,6 +28,7 @@ from syncworker.exits import EX_SOFTWARE, guard_os_exit, real_exit
 from syncworker.heap import freeze_startup_heap
 from syncworker.logs import forward_library_logs, make_logger, redact
 from syncworker.progress import TERMINAL, ProgressView
+from syncworker.stall import StallWatch
 from syncworker.status import render, to_json
 from syncworker.steps import resolve_job_steps
 from syncworker.store import Store
@@ -188,6 +189,8 @@ async def _serve(worker: Worker) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     loop.add_signal_handler(signal.SIGHUP, worker.reload)
+    stall = StallWatch(worker.log, lambda: worker.settings.drain_timeout)
+    stall.start((signal.SIGTERM, signal.SIGINT))
     freezer = asyncio.create_task(_freeze_when_started(worker), name="heap-freezer")
     try:
         with guard_os_exit(worker.log):
@@ -200,6 +203,7 @@ async def _serve(worker: Worker) -> int:
         return EX_SOFTWARE
     finally:
         freezer.cancel()
+        stall.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     stuck = worker.stuck_tasks()

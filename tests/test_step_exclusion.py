@@ -303,6 +303,23 @@ def test_swallowed_cancellation_at_timeout_fails_the_run_and_restarts(url, tmp_p
     assert error == "timed out after 0.5 s"
 
 
+def test_a_step_blocking_the_loop_cannot_hang_a_stop(url, tmp_path, start):
+    jobs = '[jobs.hog]\nretries = 1\nsteps = ["sw_stepjobs:blocks_the_loop"]\n'
+    config = write_config(tmp_path / "c.toml", url, jobs, drain_timeout=1)
+    daemon = start(config)
+    run_id = trigger(url, "hog")
+    wait_until(lambda: spans(url, run_id), what="the step's start")
+    began = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    # drain_timeout (1) + CANCEL_GRACE (10) + STALL_MARGIN (5), not 600 s.
+    assert daemon.wait_exit(timeout=40) == 70
+    assert time.monotonic() - began < 25
+    daemon.wait_for("worker_loop_stalled")
+    # The exit freed its liveness lock: the next start recovers the run.
+    start(config)
+    wait_until(lambda: status_of(url, run_id) != "running", what="the run recovered")
+
+
 # -- sys.exit and os._exit ----------------------------------------------------------------
 
 EXITS = """

@@ -60,6 +60,12 @@ async def swallow(ctx: SyncContext) -> None:
             ctx.log.info("cancellation_swallowed")
 
 
+async def blocks_the_loop(ctx: SyncContext) -> None:
+    """An async step that blocks the whole loop (time.sleep, not asyncio.sleep)."""
+    await _record(ctx, "start")
+    time.sleep(float(ctx.payload.get("seconds", 600)))  # noqa: ASYNC251
+
+
 async def calls_sys_exit(ctx: SyncContext) -> None:
     await _record(ctx, "start")
     sys.exit(0)
