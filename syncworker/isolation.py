@@ -36,11 +36,8 @@ from structlog.typing import FilteringBoundLogger
 from syncworker import runtime
 from syncworker.context import StopRequest, SyncContext
 from syncworker.counters import Counters
-from syncworker.steps import StepFailed
+from syncworker.steps import KILL_GRACE, StepFailed
 
-# Seconds a child gets between SIGTERM and SIGKILL when its step is cancelled
-# before a drain asked it to stop (steps.KILL_GRACE, for commands, is alike).
-KILL_GRACE = 5.0
 # Longest protocol line read; a step logging more in one line fails the step.
 _LINE_LIMIT = 2**22
 _LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -91,6 +88,7 @@ async def run_in_child(spec: str, ctx: SyncContext, database_url: str) -> None:
         if work is not None:
             work.children.discard(proc.pid)
         _kill_group(proc.pid, signal.SIGKILL)  # whatever it left behind
+        proc.stdin.close()
     _raise_outcome(outcome, code)
 
 
@@ -172,7 +170,7 @@ def _raise_outcome(outcome: dict[str, Any] | None, code: int) -> None:
 
 
 async def _halt(proc: asyncio.subprocess.Process, asked: bool) -> None:
-    """SIGTERM, then SIGKILL after KILL_GRACE; SIGKILL at once when a drain
+    """SIGTERM, then SIGKILL after KILL_GRACE (as for commands); SIGKILL at once when a drain
     already asked it to stop (its grace was drain_timeout) or another
     cancellation arrives meanwhile."""
     try:

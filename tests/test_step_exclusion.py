@@ -178,6 +178,23 @@ def test_process_step_is_killed_on_timeout(url, tmp_path, start):
     daemon.stop()
 
 
+def test_fenced_process_step_is_killed_at_once(url, tmp_path, start):
+    jobs = PROCESS.replace("timeout = 1.5", "timeout = 600")
+    daemon = start(write_config(tmp_path / "c.toml", url, jobs))
+    run_id = trigger(url, "child")
+    pid = child_pid(url, run_id)
+    # What a takeover looks like from here: the row is another worker's now.
+    execute(url, "UPDATE syncworker.runs SET worker_id = 'peer:1:abcdef' WHERE id = %s", (run_id,))
+    daemon.wait_for("run_fenced", run_id=run_id, timeout=10)
+    fenced_at = time.monotonic()
+    wait_until(lambda: not pid_alive(pid), timeout=5, what="the child killed")
+    assert time.monotonic() - fenced_at < 2  # SIGKILL, no grace
+    last = spans(url, run_id)[-1][3]
+    time.sleep(0.5)
+    assert spans(url, run_id)[-1][3] == last
+    daemon.stop()
+
+
 def test_blocking_plain_function_in_a_process_is_killed(url, tmp_path, start):
     daemon = start(write_config(tmp_path / "c.toml", url, PROCESS), env={"SW_TEST_URL": url})
     run_id = trigger(url, "child_plain")
@@ -304,7 +321,7 @@ def test_swallowed_cancellation_at_timeout_fails_the_run_and_restarts(url, tmp_p
 
 
 def test_a_step_blocking_the_loop_cannot_hang_a_stop(url, tmp_path, start):
-    jobs = '[jobs.hog]\nretries = 1\nsteps = ["sw_stepjobs:blocks_the_loop"]\n'
+    jobs = '[jobs.hog]\nsteps = ["sw_stepjobs:blocks_the_loop"]\n'
     config = write_config(tmp_path / "c.toml", url, jobs, drain_timeout=1)
     daemon = start(config)
     run_id = trigger(url, "hog")
@@ -315,9 +332,10 @@ def test_a_step_blocking_the_loop_cannot_hang_a_stop(url, tmp_path, start):
     assert daemon.wait_exit(timeout=40) == 70
     assert time.monotonic() - began < 25
     daemon.wait_for("worker_loop_stalled")
-    # The exit freed its liveness lock: the next start recovers the run.
-    start(config)
-    wait_until(lambda: status_of(url, run_id) != "running", what="the run recovered")
+    # The exit freed its liveness lock: the next start recovers the run
+    # (failed here: its one attempt was used).
+    start(config).wait_for("run_recovered", run_id=run_id)
+    assert status_of(url, run_id) == "failed"
 
 
 # -- sys.exit and os._exit ----------------------------------------------------------------
