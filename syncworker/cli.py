@@ -177,6 +177,14 @@ def run(
             code = asyncio.run(_serve(worker))
         except ConfigError as exc:
             _fail(EX_CONFIG, f"config error: {exc}")
+        except psycopg.errors.InsufficientPrivilege as exc:
+            reason = str(exc).strip().splitlines()[0]
+            _fail(EX_NOPERM, f"permission denied: {reason} (README, 'Least-privilege roles')")
+        except SystemExit as exc:
+            # sys.exit() out of the loop itself (a task a step started): the
+            # drain was skipped, so never 0. Steps' own calls fail the step.
+            log.error("worker_exit_unrequested", code=exc.code, exit_code=EX_SOFTWARE)
+            code = EX_SOFTWARE
     finally:
         if server is not None:
             server.close()
@@ -195,8 +203,8 @@ async def _serve(worker: Worker) -> int:
     try:
         with guard_os_exit(worker.log):
             await worker.run()
-    except (ConfigError, psycopg.Error):
-        raise  # exit codes 78, 77 and 69, from run()
+    except (ConfigError, psycopg.errors.InsufficientPrivilege):
+        raise  # exit codes 78 and 77, from run()
     except Exception:
         # Not a requested stop: non-zero, so that a supervisor restarts it.
         worker.log.error("worker_crashed", exit_code=EX_SOFTWARE, exc_info=True)

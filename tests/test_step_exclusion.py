@@ -347,6 +347,9 @@ steps = ["sw_stepjobs:calls_sys_exit"]
 [jobs.sysexit_thread]
 steps = ["sw_stepjobs:calls_sys_exit_in_thread"]
 
+[jobs.callback_exit]
+steps = ["sw_stepjobs:sys_exit_from_a_callback"]
+
 [jobs.osexit]
 retries = 1
 steps = ["sw_stepjobs:calls_os_exit"]
@@ -363,6 +366,13 @@ def test_sys_exit_in_a_step_fails_the_step_not_the_worker(url, tmp_path, start):
         assert error == f"the step called sys.exit({code})"
     assert daemon.proc.poll() is None
     assert daemon.stop() == 0
+
+
+def test_sys_exit_escaping_to_the_loop_exits_non_zero(url, tmp_path, start):
+    daemon = start(write_config(tmp_path / "c.toml", url, EXITS))
+    trigger(url, "callback_exit")
+    assert daemon.wait_exit(timeout=20) == 70
+    daemon.wait_for("worker_exit_unrequested", code=0, exit_code=70)
 
 
 def test_os_exit_zero_in_a_step_exits_non_zero_and_the_run_is_recovered(url, tmp_path, start):

@@ -71,6 +71,13 @@ async def calls_sys_exit(ctx: SyncContext) -> None:
     sys.exit(0)
 
 
+async def sys_exit_from_a_callback(ctx: SyncContext) -> None:
+    """sys.exit(0) raised by a callback the step scheduled: out of the loop itself."""
+    await _record(ctx, "start")
+    asyncio.get_running_loop().call_soon(sys.exit, 0)
+    await asyncio.sleep(5)
+
+
 def calls_sys_exit_in_thread(ctx: SyncContext) -> None:
     sys.exit(3)
 
