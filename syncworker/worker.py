@@ -752,7 +752,8 @@ class Worker:
                 self.log.warning("drain_cancelling", runs=sorted(self._runs))
                 reason = "second signal" if self._force.is_set() else "drain timeout"
                 for run_id in list(self._runs):
-                    self._work[run_id].reason = reason
+                    if run_id in self._work:
+                        self._work[run_id].reason = reason
                 await cancel_and_wait(leftover)
             await gathered
         await self._drain_abandoned(deadline)

@@ -98,6 +98,20 @@ def test_timed_out_thread_keeps_its_slot(url, tmp_path, start):
     daemon.stop()
 
 
+def test_a_retry_waits_for_the_abandoned_thread(url, tmp_path, start):
+    notes = tmp_path / "notes.jsonl"
+    jobs = PLAIN + "retries = 1\nretry_backoff = 0\n"
+    daemon = start(write_config(tmp_path / "c.toml", url, jobs, concurrency=2))
+    run_id = trigger(url, "blocking", {"file": str(notes), "seconds": 1.5}, scope="a")
+    daemon.wait_for("retry_waiting", run_id=run_id)
+    wait_until(lambda: status_of(url, run_id) == "failed", timeout=15, what="both attempts")
+    lines = [json.loads(line) for line in notes.read_text().splitlines()]
+    times = {(n["attempt"], n["what"]): n["at"] for n in lines}
+    # Two slots were free, yet attempt 2 began only once attempt 1's thread ended.
+    assert times[(1, "end")] <= times[(2, "start")]
+    daemon.stop()
+
+
 def test_drain_waits_for_an_abandoned_thread_then_says_so(url, tmp_path, start):
     notes = tmp_path / "notes.jsonl"
     config = write_config(tmp_path / "c.toml", url, PLAIN, concurrency=1, drain_timeout=1)

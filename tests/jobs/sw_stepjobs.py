@@ -29,7 +29,13 @@ CREATE TABLE IF NOT EXISTS step_span (
 
 def _note(ctx: SyncContext, what: str) -> None:
     with open(ctx.payload["file"], "a") as out:
-        line = {"run_id": ctx.run_id, "what": what, "at": time.time(), "pid": os.getpid()}
+        line = {
+            "run_id": ctx.run_id,
+            "attempt": ctx.attempt,
+            "what": what,
+            "at": time.time(),
+            "pid": os.getpid(),
+        }
         out.write(json.dumps(line) + "\n")
 
 
