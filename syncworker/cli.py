@@ -222,7 +222,7 @@ async def _serve(worker: Worker) -> int:
             exit_code=worker.exit_code,
             steps=[left.describe() for left in stuck],
         )
-        real_exit(worker.exit_code)
+        real_exit(worker.exit_code or EX_SOFTWARE)
     return worker.exit_code
 
 
