@@ -24,6 +24,7 @@ import typer
 from syncworker import schedule
 from syncworker.api import TriggerError, trigger_sync
 from syncworker.config import ConfigError, Settings, config_path, load_config
+from syncworker.dberrors import config_problem
 from syncworker.exits import EX_SOFTWARE, guard_os_exit, real_exit
 from syncworker.heap import freeze_startup_heap
 from syncworker.logs import forward_library_logs, make_logger, redact
@@ -107,6 +108,9 @@ async def _connect(settings: Settings) -> psycopg.AsyncConnection[Any]:
             settings.database_url, autocommit=True, connect_timeout=10
         )
     except psycopg.OperationalError as exc:
+        reason = config_problem(exc)
+        if reason is not None:
+            _fail(EX_CONFIG, f"config error: database_url: the server refused it: {reason}")
         _fail(EX_UNAVAILABLE, f"cannot reach the database: {str(exc).strip()}")
 
 
@@ -124,6 +128,13 @@ def _run_async(coro: Callable[[], Awaitable[T]]) -> T:
             EX_NOPERM,
             f"permission denied: {reason} (the roles each command needs:"
             " README, 'Least-privilege roles')",
+        )
+    except psycopg.errors.QueryCanceled as exc:
+        # A statement_timeout (or an operator's cancel): the database is there.
+        _fail(
+            EX_UNAVAILABLE,
+            f"timed out: the database cancelled the query ({str(exc).strip()});"
+            " a statement_timeout on this role or database may be too short",
         )
     except psycopg.OperationalError as exc:
         _fail(EX_UNAVAILABLE, f"lost the database: {str(exc).strip()}")

@@ -23,6 +23,7 @@ from syncworker.aio import cancel_and_wait, wait_event
 from syncworker.config import JobConfig
 from syncworker.context import StopRequest, SyncContext
 from syncworker.counters import Counters
+from syncworker.dberrors import TRANSIENT
 from syncworker.steps import Step, StepFailed
 from syncworker.store import ClaimedRun, Store
 
@@ -305,7 +306,8 @@ async def _persist(
         try:
             async with env.connect() as conn:
                 return await op(conn)
-        except psycopg.OperationalError as exc:
+        except TRANSIENT as exc:
+            # An outage, or a read-only server during a fail-over.
             if loop.time() + delay > deadline:
                 log.error("run_write_failed", error=str(exc))
                 return None

@@ -29,6 +29,7 @@ from syncworker import reserved, runtime, schedule, systemd
 from syncworker.aio import cancel_and_wait, wait_event
 from syncworker.config import ConfigError, JobConfig, Settings
 from syncworker.dbclock import DbClock
+from syncworker.dberrors import TRANSIENT, TRANSIENT_OR_TIMEOUT, config_problem
 from syncworker.exits import EX_SOFTWARE
 from syncworker.http import start_http, worker_routes
 from syncworker.listener import KEEPALIVES, MAX_BACKOFF, listen_forever
@@ -278,13 +279,33 @@ class Worker:
                 if down:
                     self.log.info("db_reconnected")
                 return True
-            except psycopg.OperationalError as exc:
+            except TRANSIENT as exc:
+                # The pool's timeout hides why its connections failed: ask
+                # the server directly, so a refusal that retrying cannot
+                # mend (a wrong role, database or password) ends the start.
+                await self._refuse_bad_settings()
                 if not down:
                     self.log.warning("db_disconnected", error=str(exc).strip().splitlines()[0])
                     down = True
                 await wait_event(self._stopping, delay)
                 delay = min(delay * 2, 10.0)
         return False
+
+    async def _refuse_bad_settings(self) -> None:
+        """Raise ConfigError (exit 78) with the server's reason if it refuses
+        our connection settings; return for an outage or success."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.settings.database_url, autocommit=True, connect_timeout=10, **KEEPALIVES
+            )
+        except psycopg.Error as exc:
+            reason = config_problem(exc)
+            if reason is not None:
+                raise ConfigError(
+                    self._config_source, "database_url", f"the server refused it: {reason}"
+                ) from None
+            return
+        await conn.close()
 
     async def _serve(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -449,7 +470,7 @@ class Worker:
         try:
             async with self._connect() as conn:
                 await self.store.release_reserved(conn, self.id, only=only)
-        except psycopg.OperationalError as exc:
+        except TRANSIENT as exc:
             # Kept until we reconnect (released then) or are judged gone.
             self.log.warning("release_failed", error=str(exc).strip().splitlines()[0])
 
@@ -589,7 +610,7 @@ class Worker:
             self._reschedule.clear()
             try:
                 delay = await self._schedule_pass()
-            except psycopg.OperationalError as exc:
+            except TRANSIENT as exc:
                 self.log.warning("schedule_pass_failed", error=str(exc).strip().splitlines()[0])
                 await self._db_up.wait()
                 await asyncio.sleep(0.1)  # let the pool notice the outage is over
@@ -713,7 +734,7 @@ class Worker:
         try:
             async with self._connect() as conn:
                 run = await self.store.claim(conn, self.id, self._claimable, first)
-        except psycopg.OperationalError as exc:
+        except TRANSIENT as exc:
             self.log.warning("claim_failed", error=str(exc).strip().splitlines()[0])
             return False  # the listener's reconnect wakes us again
         if run is None:
@@ -906,7 +927,7 @@ class Worker:
                         last_state = state
                     if due:
                         await self._recover(conn)
-            except psycopg.OperationalError as exc:
+            except TRANSIENT as exc:
                 self.log.warning("heartbeat_failed", error=str(exc).strip().splitlines()[0])
                 continue
             if due and state != "draining":
@@ -986,7 +1007,7 @@ class Worker:
             async with self._connect(timeout=5.0) as conn:
                 await self.store.heartbeat(conn, self.id, "stopped")
                 await self.store.release_reserved(conn, self.id)
-        except (psycopg.OperationalError, TimeoutError) as exc:
+        except TRANSIENT_OR_TIMEOUT as exc:
             self.log.warning("heartbeat_failed", error=str(exc).strip().splitlines()[0])
 
     # -- reload and housekeeping ---------------------------------------------------------
@@ -1051,7 +1072,7 @@ class Worker:
         try:
             async with self._connect() as conn:
                 await self._offer(conn)
-        except psycopg.OperationalError as exc:
+        except TRANSIENT as exc:
             # Reservations for a removed job are declined; new jobs go the
             # claim's way until the next reload or restart.
             self.log.warning("offer_failed", error=str(exc).strip().splitlines()[0])
