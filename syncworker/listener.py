@@ -28,12 +28,20 @@ OnState = Callable[[bool], None]
 
 INITIAL_BACKOFF = 0.1
 MAX_BACKOFF = 10.0
-# TCP keepalives find a silently dead server (host loss) without polling.
+# Every connection of the worker's: TCP keepalives find a silently dead
+# server (host loss) without polling; tcp_user_timeout ends a connection
+# whose sent data goes unacknowledged that long (a stalled network, where
+# keepalives never start because data is in flight), and connect_timeout a
+# connection attempt into one. Client-side deadlines (PING_DEADLINE here)
+# cover what the kernel cannot see: a peer that acknowledges but never
+# answers.
 KEEPALIVES: dict[str, Any] = {
     "keepalives": 1,
     "keepalives_idle": 10,
     "keepalives_interval": 5,
     "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+    "connect_timeout": 10,
 }
 
 
@@ -46,8 +54,12 @@ async def listen_forever(
     on_notify: OnNotify,
     on_state: OnState,
     ping_every: float,
+    ping_deadline: float,
 ) -> None:
-    """Listen until cancelled, reconnecting with capped exponential backoff."""
+    """Listen until cancelled, reconnecting with capped exponential backoff.
+
+    Quiet for `ping_every`, the session is pinged; a ping unanswered within
+    `ping_deadline` counts as a lost connection (a stalled network)."""
     delay = INITIAL_BACKOFF
     disconnected_since: float | None = None
     loop = asyncio.get_running_loop()
@@ -96,12 +108,48 @@ async def listen_forever(
                         heard.extend(batch)
                     else:
                         # Quiet for a while: prove the session is still there.
-                        await conn.execute("SELECT 1")
+                        heard.extend(await _ping(conn, ping_deadline))
+                        alone = False
         except psycopg.OperationalError as exc:
             if disconnected_since is None:
                 disconnected_since = loop.time()
                 on_state(False)
                 log.warning("db_disconnected", error=_first_line(exc))
+
+
+async def _ping(conn: psycopg.AsyncConnection[Any], deadline: float) -> list[psycopg.Notify]:
+    """Prove the session answers within `deadline`; returns the notifications
+    read along with the answer.
+
+    Sent on libpq directly, like `_read`: psycopg, when a wait is cancelled,
+    sends the server a cancel request and waits for that too, on the very
+    network that has stalled. Unanswered, the session is given up (closed,
+    nothing more sent) and the listener reconnects.
+    """
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + deadline
+    pgconn = conn.pgconn
+    pgconn.send_query(b"SELECT 1")
+    while pgconn.flush() != 0:  # the kernel's buffer is full: the network stalls
+        if loop.time() >= give_up:
+            raise _unanswered(deadline)
+        await asyncio.sleep(0.05)
+    while True:
+        if not await _readable(conn, max(0.0, give_up - loop.time())):
+            raise _unanswered(deadline)
+        pgconn.consume_input()
+        if not pgconn.is_busy():
+            break
+    while (result := pgconn.get_result()) is not None:
+        if result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+            raise psycopg.OperationalError(
+                (result.error_message or b"ping failed").decode(errors="replace").strip()
+            )
+    return _read(conn)
+
+
+def _unanswered(deadline: float) -> psycopg.OperationalError:
+    return psycopg.OperationalError(f"the database did not answer a ping within {deadline:g} s")
 
 
 async def _readable(conn: psycopg.AsyncConnection[Any], timeout: float) -> bool:

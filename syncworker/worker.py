@@ -296,7 +296,7 @@ class Worker:
         our connection settings; return for an outage or success."""
         try:
             conn = await psycopg.AsyncConnection.connect(
-                self.settings.database_url, autocommit=True, connect_timeout=10, **KEEPALIVES
+                self.settings.database_url, autocommit=True, **KEEPALIVES
             )
         except psycopg.Error as exc:
             reason = config_problem(exc)
@@ -336,6 +336,7 @@ class Worker:
             on_notify=self._on_notify,
             on_state=self._on_db_state,
             ping_every=max(self.settings.heartbeat_interval, 1.0) * 3,
+            ping_deadline=max(self.settings.heartbeat_interval, 1.0) * 2,
         )
 
     async def _on_listen_connect(self, conn: psycopg.AsyncConnection[Any]) -> None:
