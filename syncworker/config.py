@@ -192,7 +192,16 @@ class Settings(_SchemaField):
     # Finished runs older than this are deleted (0 keeps them forever).
     history_days: float = Field(default=30, ge=0)
     http: str = ""
+    # Steps' connections (ctx.connection()) come from a pool of their own:
+    # at most this many at once (None: 2 per concurrency slot), each waited
+    # for at most step_connect_timeout seconds.
+    step_pool_size: int | None = Field(default=None, ge=1, le=10_000)
+    step_connect_timeout: float = Field(default=30, gt=0)
     jobs: dict[str, JobConfig] = Field(default_factory=dict)
+
+    @property
+    def step_pool_max(self) -> int:
+        return self.step_pool_size or 2 * self.concurrency
 
     @classmethod
     def settings_customise_sources(

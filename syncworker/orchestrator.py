@@ -47,7 +47,8 @@ class _Interrupted(Exception):
 @dataclass(frozen=True)
 class RunEnv:
     store: Store
-    connect: Connect
+    connect: Connect  # the worker's own connections, for its writes
+    step_connect: Connect  # the steps' pool (steppool.py), for ctx.connection()
     log: FilteringBoundLogger
     stopping: asyncio.Event
     # Set by the worker, before it cancels the run, when the database shows
@@ -156,7 +157,7 @@ async def _attempt(
                 attempt=run.attempt,
                 log=log.bind(step=step.name),
                 stopping=StopRequest(env.stopping),
-                _connect=env.connect,
+                _connect=env.step_connect,
                 _run_counters=counters,
             )
             if position == 0 and run.first_step_id is not None:

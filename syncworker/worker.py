@@ -38,6 +38,7 @@ from syncworker.metrics import Metrics
 from syncworker.orchestrator import RunEnv, execute_run
 from syncworker.pruning import prune_pass
 from syncworker.reload import plan_reload
+from syncworker.steppool import make_step_pool
 from syncworker.steps import Step, resolve_job_steps
 from syncworker.store import ClaimedRun, Store, fetch_scopes
 from syncworker.triggers import JobInfo, Rejected, TriggerRequest, parse_notification
@@ -130,6 +131,7 @@ class Worker:
         self._fire_cursor: dict[str, datetime | None] = {}
         self._lock_key: int | None = None
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._step_pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._used_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
             weakref.WeakKeyDictionary()
         )
@@ -249,6 +251,8 @@ class Worker:
         )
         self._pool = pool
         await pool.open(wait=False)
+        self._step_pool = make_step_pool(settings)
+        await self._step_pool.open(wait=False)
         try:
             if await self._start():
                 await self._serve()
@@ -257,6 +261,7 @@ class Worker:
             await self._mark_stopped()
             if http is not None:
                 await http.close()
+            await self._step_pool.close()
             await pool.close()
             self.log.info("worker_stopped")
 
@@ -747,6 +752,7 @@ class Worker:
         env = RunEnv(
             store=self.store,
             connect=self._connect,
+            step_connect=self._step_connect,
             log=self.log,
             stopping=self._stopping,
             via=via,
@@ -1119,6 +1125,13 @@ class Worker:
                 self._used_at.pop(conn, None)
                 raise
             self._used_at[conn] = time.monotonic()
+
+    @asynccontextmanager
+    async def _step_connect(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection for a step (steppool.py): never one of the worker's own."""
+        assert self._step_pool is not None
+        async with self._step_pool.connection() as conn:
+            yield conn
 
     async def _check_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
         used = self._used_at.get(conn)
