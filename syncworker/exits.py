@@ -21,15 +21,23 @@ from typing import NoReturn
 from structlog.typing import FilteringBoundLogger
 
 from syncworker import runtime
+from syncworker.logwriter import flush_all
 
 EX_SOFTWARE = 70
 
 _real_exit = os._exit
 
 
+# How long an exit waits for the log lines still queued (logwriter.py):
+# they say why the worker went.
+_FLUSH_LOGS = 2.0
+
+
 def real_exit(code: int) -> NoReturn:
-    """End the process now with `code`, past the guard."""
+    """End the process now with `code`, past the guard, once the queued log
+    lines are out (or _FLUSH_LOGS has passed)."""
     with contextlib.suppress(Exception):
+        flush_all(_FLUSH_LOGS)
         sys.stderr.flush()
     _real_exit(code)
 

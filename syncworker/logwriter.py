@@ -12,6 +12,8 @@ dropped and counted (`lost`), and the worker goes on.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import os
 import queue
 import threading
 import time
@@ -53,6 +55,13 @@ class LineWriter:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.lost = 0
+        # Written to the file descriptor itself: a TextIO would keep what a
+        # broken pipe refused in its buffer, and Python's exit, flushing it
+        # again, would fail and turn the exit code into 120.
+        self._fd = stream.fileno()
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()  # what was written before goes first
         self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._queued = 0  # approximate: read and written under the GIL
         self._idle = threading.Event()
@@ -84,8 +93,7 @@ class LineWriter:
                 except queue.Empty:
                     break
             try:
-                self.stream.write("\n".join(batch) + "\n")
-                self.stream.flush()
+                self._write(("\n".join(batch) + "\n").encode(self._encoding, "backslashreplace"))
             except (OSError, ValueError):
                 # Closed (ValueError: I/O on a closed file) or broken: these
                 # lines are gone; the next ones are tried again.
@@ -93,6 +101,11 @@ class LineWriter:
             self._queued -= len(batch)
             if self._queued <= 0:
                 self._idle.set()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
 
 
 def writer_for(stream: TextIO) -> LineWriter | MemoryWriter:
