@@ -226,7 +226,7 @@ def test_a_closed_stderr_loses_lines_not_runs(database_url, tmp_path) -> None:
                     "SELECT count(*) FROM syncworker.runs WHERE id = ANY(%s) AND status = 'succeeded'",
                     (run_ids,),
                 )
-                == [(3,)]
+                == [(len(run_ids),)]
             ),
             what="every run succeeded with nobody reading the logs",
         )
