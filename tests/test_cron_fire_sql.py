@@ -15,15 +15,31 @@ from syncworker.store import Store
 from tests.harness import cli, query, write_config
 from tests.test_trigger_sql import JOBS  # solo, pfa (two scopes), off (disabled)
 
-# After the baseline registration gives each job (its last_fire_at: now).
-FIRE = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+# A fire due an hour ago, after the jobs' last fire (set back below): the
+# claim refuses fires not yet due by the database's clock.
+FIRE = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 
 
 @pytest.fixture
 def url(database_url: str, tmp_path: Any) -> str:
     config = write_config(tmp_path / "c.toml", database_url, JOBS)
     assert cli("migrate", "--config", str(config)).returncode == 0  # and registers the jobs
+    query(
+        database_url,
+        "UPDATE syncworker.jobs SET last_fire_at = now() - interval '2 hours' RETURNING name",
+    )
     return database_url
+
+
+def test_a_fire_not_yet_due_by_the_database_clock_is_refused(url: str) -> None:
+    """A worker whose clock runs ahead would name a fire early: not claimed,
+    and last_fire_at stays where it was, so the fire is taken when due."""
+    early = datetime.now(UTC) + timedelta(minutes=30)
+    before = _last_fire(url, "solo")
+    assert _enqueue(url, "solo", early) is None
+    assert _enqueue(url, "solo", early, run=False) is None
+    assert _last_fire(url, "solo") == before
+    assert query(url, "SELECT count(*) FROM syncworker.runs") == [(0,)]
 
 
 def _enqueue(url: str, job: str, fire: datetime, *, run: bool = True) -> Any:
