@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import psycopg
 from structlog.typing import FilteringBoundLogger
 
+from syncworker import lease
 from syncworker.aio import cancel_and_wait, wait_event
 from syncworker.config import JobConfig
 from syncworker.context import StopRequest, SyncContext
@@ -64,6 +65,12 @@ class RunEnv:
     # "reservation" (started from trigger()'s reservation) or "trigger" (the
     # NOTIFY this worker enqueued, claimed by the same call).
     via: str = "claim"
+    # The worker's lease for this run (lease.py): its steps stop once it is
+    # no longer valid, before a peer may take the run over.
+    token: lease.Token | None = None
+
+    def self_fenced(self) -> bool:
+        return self.token is not None and not self.token.valid()
 
 
 async def _claimed(env: RunEnv) -> bool:
@@ -79,6 +86,9 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
     Cancellation (drain timeout, second signal) requeues the run and re-raises.
     """
     log = env.log.bind(run_id=run.id, job=run.job, scope=run.scope)
+    # In this run's task only: the step runtimes hand it to threads and
+    # processes they start.
+    lease.current.set(env.token)
     log.info(
         "run_started",
         attempt=run.attempt,
@@ -95,12 +105,16 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
         except _Interrupted:
             return await _requeue(run, env, log, "interrupted by shutdown")
         except asyncio.CancelledError:
-            if env.lost.is_set():
+            if env.self_fenced():  # stopped on our own, taken over or not
+                await _self_fence(run, env, log)
+            elif env.lost.is_set():
                 log.warning("run_lost", reason="another worker took the run over")
             else:
                 await _requeue(run, env, log, "cancelled by shutdown")
             raise
         except Exception as exc:
+            if env.self_fenced():  # a command the lease watchdog killed, say
+                return await _self_fence(run, env, log)
             error = _describe(exc, job)
             log.warning(
                 "attempt_failed",
@@ -126,6 +140,17 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
             log.warning("run_lost", reason="another worker took the run over")
             return "lost"
         run = dataclasses.replace(run, attempt=run.attempt + 1, first_step_id=None)
+
+
+async def _self_fence(run: ClaimedRun, env: RunEnv, log: FilteringBoundLogger) -> str:
+    """The lease lapsed under the run's step, which was stopped for it."""
+    log.warning(
+        "run_self_fenced",
+        attempt=run.attempt,
+        reason="ownership not confirmed in time: the step was stopped",
+    )
+    # Fenced like every write: a no-op if a peer has the run already.
+    return await _requeue(run, env, log, "self-fenced: ownership not confirmed")
 
 
 async def _attempt(
@@ -167,7 +192,7 @@ async def _attempt(
             )
             status, error = "succeeded", None
             try:
-                await step.run(ctx)
+                await lease.guard(step.run(ctx), env.token)
             except asyncio.CancelledError:
                 status, error = "cancelled", "cancelled"
                 raise

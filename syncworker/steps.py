@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.types.json import Jsonb
 
+from syncworker import lease
 from syncworker.config import CommandStep, ConfigError, JobConfig, SqlStep, StepSpec
 from syncworker.context import SyncContext
 from syncworker.counters import COUNTERS
@@ -115,16 +116,23 @@ async def run_in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
+    token = lease.current.get()
 
     def settle(ok: bool, value: Any) -> None:
         if not future.done():
             if ok:
                 future.set_result(value)
+            elif isinstance(value, lease.LeaseLapsed):
+                future.cancel()  # the run's self-fence, as for async steps
             else:
                 future.set_exception(value)
 
     def target() -> None:
         try:
+            if token is not None:
+                # Checked in this thread itself, at its next call or return:
+                # after a SIGCONT it may run before the loop notices anything.
+                token.install_in_thread()
             outcome: tuple[bool, Any] = (True, fn(*args))
         except BaseException as exc:
             outcome = (False, exc)
@@ -209,6 +217,10 @@ def _command_step(spec: CommandStep) -> StepFn:
         except OSError as exc:
             raise StepFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
         group = _Group(proc)
+        token = lease.current.get()
+        # Its own session keeps it running while the worker is frozen: the
+        # lease watchdog, a process of its own, kills it when the lease lapses.
+        watch = token.watch(group.pgid) if token is not None else None
         tail: deque[str] = deque(maxlen=_STDERR_TAIL)
         assert proc.stdout is not None and proc.stderr is not None
         readers = asyncio.gather(
@@ -242,6 +254,8 @@ def _command_step(spec: CommandStep) -> StepFn:
             raise
         finally:
             terminator.cancel()
+            if watch is not None:
+                watch.release()
         if stopped:
             # Even after a clean exit: it was cut short, so the run is redone
             # and the step recorded as stopped (see the README's drain rule).
