@@ -46,10 +46,12 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 # All the lease's numbers, as fractions of heartbeat_interval (h).
-RENEW_FRACTION = 0.2  # a heartbeat write every h / 5
-SELF_FENCE_FRACTION = 0.8  # the lease lasts 0.8 h from a write's send time
-TAKEOVER_FRACTION = 1.0  # peers take over h after the last heartbeat_at
-RECOVER_FRACTION = 0.5  # peers look for runs to take over every h / 2
+# Takeover plus a sweep stays near h, the SPEC's detection bound for a dead
+# worker; the lease outlasts three missed writes; the margin is 0.2 h.
+RENEW_FRACTION = 1 / 6  # a heartbeat write every h / 6
+SELF_FENCE_FRACTION = 0.6  # the lease lasts 0.6 h from a write's send time
+TAKEOVER_FRACTION = 0.8  # peers take over 0.8 h after the last heartbeat_at
+RECOVER_FRACTION = 0.25  # peers look for runs to take over every h / 4
 # A worker whose liveness session still holds its lock is judged gone only
 # after this many intervals of silence (as before the lease).
 STALE_HEARTBEATS = 3

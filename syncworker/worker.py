@@ -762,7 +762,7 @@ class Worker:
         return "running" if self._runs else "idle"
 
     async def _heartbeat(self) -> None:
-        """Beat every renew_every (heartbeat_interval / 5) on a fixed deadline,
+        """Beat every renew_every (heartbeat_interval / 6) on a fixed deadline,
         renewing the lease, and write state changes within STATE_SETTLE; look
         for runs to take over every recover_every. State changes never push
         the deadline back: a busy worker must keep beating, or its lease

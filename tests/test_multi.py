@@ -200,9 +200,11 @@ def held(database_url, pg_server):
 def test_a_worker_that_lost_its_session_stops_working_on_the_run(
     database_url, tmp_path, start, held
 ):
-    """A's liveness session dies and cannot come back for a while: B takes the
-    run over; when A reconnects it learns the run is no longer its own, stops
-    it, and writes nothing for it."""
+    """A's liveness session dies and cannot come back for a while: A can no
+    longer confirm its ownership, so it stops the run's step itself within
+    its lease (run_self_fenced) and gives the run back, or B takes it over
+    once A's heartbeat is stale; either way B runs it and A writes no
+    outcome for it."""
     conn, refuse_new_connections = held
     config = write_config(tmp_path / "c.toml", database_url, SPAN_JOBS)
     a = start(config)
@@ -223,7 +225,7 @@ def test_a_worker_that_lost_its_session_stops_working_on_the_run(
     ).fetchall()
     assert terminated == 1
     a.wait_for("db_disconnected")
-    b.wait_for("run_recovered", run_id=run_id)
+    a.wait_for("run_self_fenced", run_id=run_id)
     wait_until(
         lambda: conn.execute(
             "SELECT 1 FROM syncworker.runs WHERE id = %s AND status = 'running' AND attempt = 2",
@@ -233,8 +235,6 @@ def test_a_worker_that_lost_its_session_stops_working_on_the_run(
     )
     refuse_new_connections(False)
     a.wait_for("db_reconnected")
-    a.wait_for("run_fenced", run_id=run_id)
-    a.wait_for("run_lost", run_id=run_id)
     release(database_url)
     wait_until(
         lambda: (
@@ -246,9 +246,19 @@ def test_a_worker_that_lost_its_session_stops_working_on_the_run(
         what="B finishing the run",
     )
     assert worker_of(database_url, run_id).split(":")[1] == str(b.proc.pid)
-    # A wrote no outcome for it, and still serves.
+    # A's step stopped before B's began; A wrote no outcome, and still serves.
+    [(a_stopped,)] = query(
+        database_url,
+        "SELECT finished_at FROM syncworker.run_steps WHERE run_id = %s AND attempt = 1",
+        (run_id,),
+    )
+    [(b_started,)] = query(
+        database_url,
+        "SELECT min(at) FROM test_log WHERE run_id = %s AND attempt = 2",
+        (run_id,),
+    )
+    assert a_stopped is not None and a_stopped < b_started
     assert a.events("run_succeeded", run_id=run_id) == []
-    assert a.events("run_cancelled", run_id=run_id) == []
     assert b.stop() == 0
     at = trigger(database_url, "span", "k1")
     wait_until(lambda: settled(database_url), what="A serving again")
