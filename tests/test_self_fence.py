@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from syncworker.lease import Lease, LeaseTiming
@@ -176,3 +177,50 @@ def test_the_thread_hook_stops_a_step_and_costs_measured(capsys) -> None:
     thread.join(5)
     assert not thread.is_alive()
     assert [type(e).__name__ for e in stopped] == ["LeaseLapsed"]
+
+
+def test_a_worker_whose_heartbeat_write_stalls_stops_its_step_and_recovers(
+    database_url: str, tmp_path: Path, start
+) -> None:
+    """A stalled heartbeat (its row locked by another session, as a stalled
+    network would hold the write): the worker fences itself within its
+    lease, the other worker runs the next attempt, and once the write goes
+    through again the first worker serves on."""
+    config = write_config(tmp_path / "c.toml", database_url, JOBS, concurrency=1)
+    workers = [start(config), start(config)]
+    ticks = tmp_path / "ticks"
+    run_id = trigger(database_url, "async_step", None, file=str(ticks), first=30, then=1.5)
+    wait_until(lambda: ticks.exists() and ticks.stat().st_size > 0, what="the step ticking")
+    stalled = runner(workers, database_url, run_id)
+    [peer] = [w for w in workers if w is not stalled]
+    with psycopg.connect(database_url) as blocker:  # a transaction held open
+        blocker.execute(
+            "SELECT 1 FROM syncworker.workers WHERE pid = %s FOR UPDATE", (stalled.proc.pid,)
+        )
+        stalled.wait_for("run_self_fenced", run_id=run_id, timeout=10)
+        stalled.wait_for("heartbeat_failed", timeout=10)  # the stuck write given up
+        wait_until(
+            lambda: (
+                query(database_url, "SELECT status FROM syncworker.runs WHERE id = %s", (run_id,))
+                == [("succeeded",)]
+            ),
+            timeout=20,
+            what="the next attempt succeeding on the peer",
+        )
+    assert_no_overlap(intervals(ticks))
+    assert peer.events("run_succeeded", run_id=run_id)
+    # Its heartbeat goes through again: its lease is back, it takes work.
+    stalled.wait_for("lease_renewed", after_lapse=True, timeout=10)
+    again = trigger(database_url, "async_step", None, file=str(ticks), first=0.1, then=0.1)
+    wait_until(
+        lambda: (
+            query(database_url, "SELECT status FROM syncworker.runs WHERE id = %s", (again,))
+            == [("succeeded",)]
+        ),
+        timeout=20,
+        what="a later run succeeding",
+    )
+    assert stalled.proc.poll() is None
+    for w in workers:
+        assert w.stop() == 0
+    assert_invariants(database_url)
