@@ -136,6 +136,8 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
         log.info("run_retrying", attempt=run.attempt, next_attempt=run.attempt + 1, delay=delay)
         if await wait_event(env.stopping, delay):
             return await _requeue(run, env, log, f"interrupted by shutdown after: {error}")
+        if env.self_fenced():  # no next attempt on a lapsed lease
+            return await _self_fence(run, env, log)
         if not await _persist(log, functools.partial(env.store.next_attempt, run=run), env):
             log.warning("run_lost", reason="another worker took the run over")
             return "lost"

@@ -224,3 +224,68 @@ def test_a_worker_whose_heartbeat_write_stalls_stops_its_step_and_recovers(
     for w in workers:
         assert w.stop() == 0
     assert_invariants(database_url)
+
+
+def _fresh_lease(interval: float) -> Lease:
+    lease = Lease(LeaseTiming(interval))
+    now = time.monotonic()
+    lease.renew(now, now)
+    return lease
+
+
+def test_the_async_guard_throws_into_a_step_that_swallows_cancellation() -> None:
+    import asyncio
+
+    from syncworker.lease import guard
+
+    resumed_after_lapse: list[str] = []
+
+    async def stubborn() -> str:
+        for _ in range(5):
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                resumed_after_lapse.append("swallowed")
+        return "finished anyway"
+
+    async def main() -> None:
+        lease = _fresh_lease(0.2)  # lapses after 0.12 s
+        with pytest.raises(asyncio.CancelledError):
+            await guard(stubborn(), lease.token())
+
+    asyncio.run(main())
+    # Every resumption after the lapse got a cancellation, and returning
+    # after swallowing them still ends the step as cancelled.
+    assert resumed_after_lapse and set(resumed_after_lapse) == {"swallowed"}
+
+
+def test_the_watchdog_kills_a_process_group_while_its_worker_does_nothing() -> None:
+    import subprocess
+
+    lease = _fresh_lease(0.5)  # lapses after 0.3 s; nobody renews it
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        watch = lease.token().watch(proc.pid)
+        began = time.monotonic()
+        # Only the watchdog process can end it: this process just waits.
+        assert proc.wait(timeout=5) == -signal.SIGKILL
+        assert time.monotonic() - began < 2
+        watch.release()
+    finally:
+        proc.kill()
+        lease.close()
+
+
+def test_the_watchdog_kills_what_it_watches_when_its_worker_goes_away() -> None:
+    import subprocess
+
+    lease = _fresh_lease(1000.0)
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        lease.token().watch(proc.pid)
+        time.sleep(0.2)
+        assert proc.poll() is None  # the lease holds
+        lease.close()  # its pipe closes, as when the worker dies
+        assert proc.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        proc.kill()
