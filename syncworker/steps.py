@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -136,6 +137,13 @@ async def run_in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
             outcome: tuple[bool, Any] = (True, fn(*args))
         except BaseException as exc:
             outcome = (False, exc)
+        if token is not None:
+            # Inline, not a helper or contextlib.suppress: entering a Python
+            # function is an event the hook may raise at.
+            try:  # noqa: SIM105
+                sys.setprofile(None)
+            except lease.LeaseLapsed:
+                pass  # it fired once more, and Python removed it as it raised
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(settle, *outcome)
 
