@@ -228,7 +228,11 @@ def _command_step(spec: CommandStep) -> StepFn:
         token = lease.current.get()
         # Its own session keeps it running while the worker is frozen: the
         # lease watchdog, a process of its own, kills it when the lease lapses.
-        watch = token.watch(group.pgid) if token is not None else None
+        try:
+            watch = token.watch(group.pgid) if token is not None else None
+        except OSError as exc:  # no watchdog process: do not run unguarded
+            group.signal(signal.SIGKILL)
+            raise StepFailed(f"cannot start the lease watchdog: {exc}") from None
         tail: deque[str] = deque(maxlen=_STDERR_TAIL)
         assert proc.stdout is not None and proc.stderr is not None
         readers = asyncio.gather(
