@@ -938,6 +938,9 @@ _GONE = """(w.id IS NULL
                    OR NOT EXISTS (
                        SELECT 1 FROM pg_locks l
                        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                         -- pg_locks spans the cluster; lock keys are per database
+                         AND l.database = (SELECT oid FROM pg_database
+                                           WHERE datname = current_database())
                          AND l.classid = %(ns)s::bigint::oid
                          AND l.objid = w.lock_key::bigint::oid)))"""
 

@@ -217,10 +217,12 @@ def test_a_worker_that_lost_its_session_stops_working_on_the_run(
     assert worker_of(database_url, run_id).split(":")[1] == str(a.proc.pid)
     refuse_new_connections(True)
     # A's listener session holds its liveness lock: end that session.
+    # (pg_locks spans the cluster: other databases' workers have lock keys too.)
     [(terminated,)] = conn.execute(
         "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
         " JOIN syncworker.workers w ON l.objid = w.lock_key::bigint::oid"
-        " WHERE l.locktype = 'advisory' AND l.granted AND w.pid = %s",
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND w.pid = %s"
+        "   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         (a.proc.pid,),
     ).fetchall()
     assert terminated == 1
