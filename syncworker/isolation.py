@@ -33,7 +33,7 @@ from typing import IO, Any, cast
 import psycopg
 from structlog.typing import FilteringBoundLogger
 
-from syncworker import runtime
+from syncworker import lease, runtime
 from syncworker.context import StopRequest, SyncContext
 from syncworker.counters import Counters
 from syncworker.steps import KILL_GRACE, StepFailed
@@ -69,6 +69,14 @@ async def run_in_child(spec: str, ctx: SyncContext, database_url: str) -> None:
     work = runtime.current()
     if work is not None:
         work.children.add(proc.pid)
+    # In a session of its own it goes on while the worker is frozen: the
+    # lease watchdog (a process of its own) kills it when the lease lapses.
+    token = lease.current.get()
+    try:
+        watch = token.watch(proc.pid) if token is not None else None
+    except OSError as exc:  # no watchdog: do not run unguarded
+        _kill_group(proc.pid, signal.SIGKILL)
+        raise StepFailed(f"cannot start the lease watchdog: {exc}") from None
     ctx.log.debug("step_process_started", pid=proc.pid)
     assert proc.stdin is not None and proc.stdout is not None
     stop_sent = False
@@ -88,6 +96,8 @@ async def run_in_child(spec: str, ctx: SyncContext, database_url: str) -> None:
         if work is not None:
             work.children.discard(proc.pid)
         _kill_group(proc.pid, signal.SIGKILL)  # whatever it left behind
+        if watch is not None:
+            watch.release()
         proc.stdin.close()
     _raise_outcome(outcome, code)
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import psycopg
 from structlog.typing import FilteringBoundLogger
 
-from syncworker import runtime
+from syncworker import lease, runtime
 from syncworker.aio import cancel_and_wait, wait_event
 from syncworker.config import JobConfig
 from syncworker.context import StopRequest, SyncContext
@@ -63,6 +63,12 @@ class RunEnv:
     # or "trigger" (the NOTIFY this worker enqueued, claimed by the same
     # call). Every run starts from its claimed row, whatever the way.
     via: str = "claim"
+    # The worker's lease for this run (lease.py): its steps stop once it is
+    # no longer valid, before a peer may take the run over.
+    token: lease.Token | None = None
+
+    def self_fenced(self) -> bool:
+        return self.token is not None and not self.token.valid()
 
 
 async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], env: RunEnv) -> str:
@@ -71,6 +77,9 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
     Cancellation (drain timeout, second signal) requeues the run and re-raises.
     """
     log = env.log.bind(run_id=run.id, job=run.job, scope=run.scope)
+    # In this run's task only: the step runtimes hand it to threads and
+    # processes they start.
+    lease.current.set(env.token)
     log.info(
         "run_started",
         attempt=run.attempt,
@@ -87,12 +96,16 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
         except _Interrupted:
             return await _requeue(run, env, log, "interrupted by shutdown")
         except asyncio.CancelledError:
-            if env.lost.is_set():
+            if env.self_fenced():  # stopped on our own, taken over or not
+                await _self_fence(run, env, log)
+            elif env.lost.is_set():
                 log.warning("run_lost", reason="another worker took the run over")
             else:
                 await _requeue(run, env, log, "cancelled by shutdown")
             raise
         except Exception as exc:
+            if env.self_fenced():  # a command the lease watchdog killed, say
+                return await _self_fence(run, env, log)
             error = _describe(exc, job)
             log.warning(
                 "attempt_failed",
@@ -114,6 +127,8 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
         log.info("run_retrying", attempt=run.attempt, next_attempt=run.attempt + 1, delay=delay)
         if await wait_event(env.stopping, delay) or await _abandoned_or_stop(env, log):
             return await _requeue(run, env, log, f"interrupted by shutdown after: {error}")
+        if env.self_fenced():  # no next attempt on a lapsed lease
+            return await _self_fence(run, env, log)
         if not await _persist(log, functools.partial(env.store.next_attempt, run=run), env):
             log.warning("run_lost", reason="another worker took the run over")
             return "lost"
@@ -135,6 +150,17 @@ async def _abandoned_or_stop(env: RunEnv, log: FilteringBoundLogger) -> bool:
     finally:
         await cancel_and_wait([idle, stop])
     return env.stopping.is_set()
+
+
+async def _self_fence(run: ClaimedRun, env: RunEnv, log: FilteringBoundLogger) -> str:
+    """The lease lapsed under the run's step, which was stopped for it."""
+    log.warning(
+        "run_self_fenced",
+        attempt=run.attempt,
+        reason="ownership not confirmed in time: the step was stopped",
+    )
+    # Fenced like every write: a no-op if a peer has the run already.
+    return await _requeue(run, env, log, "self-fenced: ownership not confirmed")
 
 
 async def _attempt(
@@ -173,7 +199,7 @@ async def _attempt(
             )
             status, error = "succeeded", None
             try:
-                await step.run(ctx)
+                await lease.guard(step.run(ctx), env.token)
             except asyncio.CancelledError:
                 status, error = "cancelled", "cancelled"
                 raise

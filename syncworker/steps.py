@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.types.json import Jsonb
 
-from syncworker import runtime
+from syncworker import lease, runtime
 from syncworker.config import CommandStep, ConfigError, JobConfig, SqlStep, StepSpec
 from syncworker.context import SyncContext
 from syncworker.counters import COUNTERS
@@ -230,11 +231,14 @@ def _start_daemon_thread(
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
     ended: asyncio.Future[None] = loop.create_future()
+    token = lease.current.get()
 
     def settle(ok: bool, value: Any) -> None:
         if not future.done():
             if ok:
                 future.set_result(value)
+            elif isinstance(value, lease.LeaseLapsed):
+                future.cancel()  # the run's self-fence, as for async steps
             else:
                 future.set_exception(value)
         if not ended.done():
@@ -242,11 +246,22 @@ def _start_daemon_thread(
 
     def target() -> None:
         try:
+            if token is not None:
+                # Checked in this thread itself, at its next call or return:
+                # after a SIGCONT it may run before the loop notices anything.
+                token.install_in_thread()
             outcome: tuple[bool, Any] = (True, fn(*args))
         except SystemExit as exc:
             outcome = (False, _exit_failure(exc))
         except BaseException as exc:
             outcome = (False, exc)
+        if token is not None:
+            # Inline, not a helper or contextlib.suppress: entering a Python
+            # function is an event the hook may raise at.
+            try:  # noqa: SIM105
+                sys.setprofile(None)
+            except lease.LeaseLapsed:
+                pass  # it fired once more, and Python removed it as it raised
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(settle, *outcome)
 
@@ -328,6 +343,14 @@ def _command_step(spec: CommandStep) -> StepFn:
         except OSError as exc:
             raise StepFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
         group = _Group(proc)
+        token = lease.current.get()
+        # Its own session keeps it running while the worker is frozen: the
+        # lease watchdog, a process of its own, kills it when the lease lapses.
+        try:
+            watch = token.watch(group.pgid) if token is not None else None
+        except OSError as exc:  # no watchdog process: do not run unguarded
+            group.signal(signal.SIGKILL)
+            raise StepFailed(f"cannot start the lease watchdog: {exc}") from None
         tail: deque[str] = deque(maxlen=_STDERR_TAIL)
         assert proc.stdout is not None and proc.stderr is not None
         readers = asyncio.gather(
@@ -361,6 +384,8 @@ def _command_step(spec: CommandStep) -> StepFn:
             raise
         finally:
             terminator.cancel()
+            if watch is not None:
+                watch.release()
         if stopped:
             # Even after a clean exit: it was cut short, so the run is redone
             # and the step recorded as stopped (see the README's drain rule).

@@ -666,6 +666,7 @@ class Store:
         *,
         judge_peers: bool = True,
         peer_grace: float = 0.0,
+        takeover_after: float = 0.0,
     ) -> list[dict[str, Any]]:
         """Take back runs whose worker is gone: retry them or fail them.
 
@@ -676,7 +677,8 @@ class Store:
         `judge_peers` and once the server has been up for `peer_grace`: a
         restart frees every session's lock, and a live worker needs that long
         to reconnect and take its lock again. A stopped or deleted worker
-        counts at once.
+        counts at once. Neither counts before its heartbeat_at is
+        `takeover_after` old: its lease (lease.py) may still hold.
         """
         async with conn.transaction():
             cur = await conn.execute(
@@ -688,6 +690,7 @@ class Store:
                     "stale": stale_after,
                     "judge": judge_peers,
                     "grace": peer_grace,
+                    "takeover": takeover_after,
                     "events": self.events_channel,
                 },
             )
@@ -704,6 +707,7 @@ class Store:
         *,
         judge_peers: bool = True,
         peer_grace: float = 0.0,
+        takeover_after: float = 0.0,
     ) -> int:
         """Clear the reservations of workers gone by the rules of
         recover_orphans(), so any worker may claim those runs; returns how many."""
@@ -715,6 +719,7 @@ class Store:
                 "stale": stale_after,
                 "judge": judge_peers,
                 "grace": peer_grace,
+                "takeover": takeover_after,
             },
         )
         row = await cur.fetchone()
@@ -1018,14 +1023,19 @@ WHERE id = %(id)s
 # attempts left and no follow-up is already pending, else it fails.
 # Worker `w` (LEFT JOINed) is gone: no row, stopped, or, when peers may be
 # judged (recover_orphans), its liveness lock free or its heartbeat stale.
+# Either way its heartbeat must be `takeover` old, by this database's clock
+# as it was written: until then the worker's lease may hold and its steps run
+# (lease.py; README "Self-fencing").
 _GONE = """(w.id IS NULL
            OR w.state = 'stopped'
            OR %(judge)s
               AND pg_postmaster_start_time() < now() - make_interval(secs => %(grace)s)
+              AND w.heartbeat_at < now() - make_interval(secs => %(takeover)s)
               AND (w.heartbeat_at < now() - make_interval(secs => %(stale)s)
                    OR NOT EXISTS (
                        SELECT 1 FROM pg_locks l
                        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                         -- pg_locks spans the cluster; lock keys are per database
                          AND l.database = (SELECT oid FROM pg_database
                                            WHERE datname = current_database())
                          AND l.classid = %(ns)s::bigint::oid

@@ -32,6 +32,7 @@ from syncworker.dbclock import DbClock
 from syncworker.dberrors import TRANSIENT, TRANSIENT_OR_TIMEOUT, config_problem
 from syncworker.exits import EX_SOFTWARE
 from syncworker.http import start_http, worker_routes
+from syncworker.lease import Lease, LeaseTiming, Token
 from syncworker.listener import KEEPALIVES, MAX_BACKOFF, listen_forever
 from syncworker.logs import make_logger
 from syncworker.metrics import Metrics
@@ -49,7 +50,6 @@ MISFIRE_GRACE = 60.0
 # Longest the scheduler sleeps without re-reading the clock: a safety net
 # against wall-clock jumps (suspend, NTP steps); fires still wake it exactly.
 SCHEDULER_MAX_SLEEP = 300.0
-STALE_HEARTBEATS = 3
 RECONNECT_ATTEMPT = 10.0
 PRUNE_EVERY = 3600.0
 # A pooled connection that completed its work less than this long ago, with
@@ -149,6 +149,9 @@ class Worker:
         # trigger_and_claim() calls in flight that may claim a run for us:
         # each holds a slot, as a claim in flight does.
         self._starting = 0
+        # Proof that no peer may take our runs over yet (lease.py); renewed
+        # by each heartbeat write, and checked by the runs' steps.
+        self._lease = Lease(LeaseTiming(settings.heartbeat_interval))
 
     # -- public face -----------------------------------------------------------
 
@@ -258,6 +261,7 @@ class Worker:
                 await self._serve()
         finally:
             await self._drain()
+            self._lease.close()
             await self._mark_stopped()
             if http is not None:
                 await http.close()
@@ -276,9 +280,11 @@ class Worker:
                 async with self._connect() as conn:
                     self._scopes = await self.store.setup(conn, self._jobs, self._config_source)
                     self._job_info = self._make_job_info()
+                    sent = time.monotonic()
                     self._lock_key = await self.store.register_worker(
                         conn, self.id, socket.gethostname(), os.getpid(), VERSION
                     )
+                    self._lease.renew(sent, time.monotonic())  # its heartbeat_at is now()
                     await self._offer(conn)
                     self._fire_cursor = await self.store.fire_state(conn)
                 if down:
@@ -313,6 +319,7 @@ class Worker:
         await conn.close()
 
     async def _serve(self) -> None:
+        self._lease.start(self._on_lease_lapsed)
         async with asyncio.TaskGroup() as tg:
             listener = tg.create_task(self._listen(), name="listener")
             heartbeat = tg.create_task(self._heartbeat(), name="heartbeat")
@@ -442,7 +449,11 @@ class Worker:
         taken = (
             len(self._runs) + len(self._lingering) + len(self._deciding) + claiming + self._starting
         )
-        return not self._stopping.is_set() and taken < self.settings.concurrency
+        return (
+            not self._stopping.is_set()
+            and taken < self.settings.concurrency
+            and self._lease.valid()  # a claim now could be taken over at once
+        )
 
     def _take_reservation(self, run_id: int) -> None:
         if not self._free_slot():
@@ -451,11 +462,12 @@ class Worker:
             self._spawn(self._release(only=run_id))
             return
         # The slot is held from now: counted in _deciding until the claim
-        # answers, then in _runs if it made the run ours.
+        # answers, then in _runs if it made the run ours. The lease's token
+        # is taken before the claim is sent: it must hold from then on.
         self._deciding.add(run_id)
-        self._spawn(self._claim_reserved(run_id))
+        self._spawn(self._claim_reserved(run_id, self._lease.token()))
 
-    async def _claim_reserved(self, run_id: int) -> None:
+    async def _claim_reserved(self, run_id: int, token: Token) -> None:
         # The steps as they are now, as in _claim_one.
         steps = self._steps
         first = {job: job_steps[0].name for job, job_steps in steps.items() if job_steps}
@@ -469,7 +481,7 @@ class Worker:
             self.log.debug("reservation_not_claimed", run_id=run_id)
             self._wake.set()  # the slot it held is free again
             return
-        self._start_run(run, steps[run.job], via="reservation")
+        self._start_run(run, steps[run.job], via="reservation", token=token)
 
     async def _release(self, only: int | None = None) -> None:
         """Give back our reservations (all, or `only` one)."""
@@ -578,6 +590,8 @@ class Worker:
         same call (trigger_and_claim), and start on its answer."""
         job_steps = self._steps.get(req.job)  # as the claim records them
         first = job_steps[0].name if claim and job_steps and self._free_slot() else None
+        # Taken before the claim is sent: the lease must hold from then on.
+        token = self._lease.token()
         self._starting += first is not None
         try:
             made = await self.store.trigger_and_claim(
@@ -596,7 +610,7 @@ class Worker:
         claimed_runs = [claimed for _, _, claimed in made if claimed is not None]
         if job_steps:  # set whenever a run was claimed: `first` needs it
             for run in claimed_runs:
-                self._start_run(run, job_steps, via="trigger")
+                self._start_run(run, job_steps, via="trigger", token=token)
         if first is not None and not claimed_runs:
             self._wake.set()  # the slot it held is free again
         if claimed_runs:
@@ -723,9 +737,9 @@ class Worker:
             await self._wake.wait()
             self._wake.clear()
             await self._db_up.wait()
-            while len(self._runs) + len(self._lingering) + len(self._deciding) + self._starting < (
-                self.settings.concurrency
-            ):
+            while self._lease.valid() and len(self._runs) + len(self._lingering) + len(
+                self._deciding
+            ) + self._starting < (self.settings.concurrency):
                 # Shielded: a stop arriving between the claim's commit and the
                 # run's start must not leave a claimed run that nobody runs.
                 self._claiming = asyncio.ensure_future(self._claim_one())
@@ -737,6 +751,8 @@ class Worker:
         # the run start other steps than the one the claim recorded.
         steps = self._steps
         first = {job: job_steps[0].name for job, job_steps in steps.items() if job_steps}
+        # Taken before the claim is sent: the lease must hold from then on.
+        token = self._lease.token()
         try:
             async with self._connect() as conn:
                 run = await self.store.claim(conn, self.id, self._claimable, first)
@@ -745,10 +761,17 @@ class Worker:
             return False  # the listener's reconnect wakes us again
         if run is None:
             return False
-        self._start_run(run, steps[run.job])
+        self._start_run(run, steps[run.job], token=token)
         return True
 
-    def _start_run(self, run: ClaimedRun, steps: Sequence[Step], via: str = "claim") -> None:
+    def _start_run(
+        self,
+        run: ClaimedRun,
+        steps: Sequence[Step],
+        via: str = "claim",
+        token: Token | None = None,
+    ) -> None:
+        """`token` is the lease's, taken before the claim was sent."""
         env = RunEnv(
             store=self.store,
             connect=self._connect,
@@ -756,6 +779,7 @@ class Worker:
             log=self.log,
             stopping=self._stopping,
             via=via,
+            token=token if token is not None else self._lease.token(),
         )
         work = self._run_work(run)
         task = asyncio.create_task(
@@ -892,11 +916,14 @@ class Worker:
         return "running" if self._runs or self._lingering else "idle"
 
     async def _heartbeat(self) -> None:
-        """Beat every heartbeat_interval on a fixed deadline, and write state
-        changes within STATE_SETTLE. State changes never push the deadline back:
-        a busy worker must keep beating, or others would take its live runs."""
+        """Beat every renew_every (heartbeat_interval / 6) on a fixed deadline,
+        renewing the lease, and write state changes within STATE_SETTLE; look
+        for runs to take over every recover_every. State changes never push
+        the deadline back: a busy worker must keep beating, or its lease
+        lapses and others would take its live runs."""
         loop = asyncio.get_running_loop()
-        next_beat = loop.time() + self.settings.heartbeat_interval
+        next_beat = loop.time() + self._lease.timing.renew_every
+        next_sweep = loop.time() + self._lease.timing.recover_every
         last_state = ""
         while True:
             await wait_event(self._state_changed, max(0.0, next_beat - loop.time()))
@@ -906,41 +933,82 @@ class Worker:
                 # a third of a short run's statements, taken while it started.
                 await asyncio.sleep(min(STATE_SETTLE, next_beat - loop.time()))
             self._state_changed.clear()
+            timing = self._lease.timing  # read each time: a reload may change it
             due = loop.time() >= next_beat
-            if due:  # read each time: a reload may change it
-                next_beat = loop.time() + self.settings.heartbeat_interval
+            if due:
+                next_beat = loop.time() + timing.renew_every
+            sweep = loop.time() >= next_sweep
+            if sweep:
+                next_sweep = loop.time() + timing.recover_every
             if not self._db_up.is_set():
                 continue
             recheck, self._recheck = self._recheck, False
             due = due or recheck
+            sweep = sweep or recheck
             state = self._state()
+            changed = state != last_state
             try:
-                async with self._connect() as conn:
-                    if due or state != last_state:
-                        # Runs claimed after this snapshot are ours for sure.
-                        in_flight = list(self._runs)
-                        owned = await self.store.heartbeat(conn, self.id, state)
-                        self._fence(in_flight, owned)
-                        if recheck:
-                            # Reserved while we were not listening: the
-                            # notification is lost, the reservation is not.
-                            for run_id in await self.store.reserved_runs(conn, self.id):
-                                self._on_reserved(run_id)
-                        if state == "draining" != last_state:
-                            # We take no reservation from now on.
-                            await self.store.release_reserved(
-                                conn, self.id, keep=[*self._runs, *self._deciding]
-                            )
-                        last_state = state
-                    if due:
-                        await self._recover(conn)
-            except TRANSIENT as exc:
-                self.log.warning("heartbeat_failed", error=str(exc).strip().splitlines()[0])
+                # A write that cannot be made within the lease is retried on
+                # another connection rather than awaited past it.
+                async with asyncio.timeout(timing.self_fence_after) as deadline:
+                    async with self._connect() as conn:
+                        if due or changed:
+                            await self._beat(conn, state, recheck, last_state)
+                            last_state = state
+                        deadline.reschedule(None)
+                        if sweep:
+                            await self._recover(conn)
+            except TRANSIENT_OR_TIMEOUT as exc:
+                error = str(exc).strip().splitlines()[0] if str(exc).strip() else "timed out"
+                self.log.warning("heartbeat_failed", error=error)
                 continue
-            if due and state != "draining":
-                self._wake.set()  # safety net: a missed wake-up costs one interval at most
-            if state != "draining":
+            if sweep and state != "draining":
+                self._wake.set()  # safety net: a missed wake-up costs one sweep at most
+            if state != "draining" and (sweep or changed):
                 self._sd_status(state)
+
+    async def _beat(
+        self, conn: psycopg.AsyncConnection[Any], state: str, recheck: bool, last_state: str
+    ) -> None:
+        """One heartbeat write: renews the lease from its send time, and fences
+        the runs the database no longer has under this worker."""
+        # Runs claimed after this snapshot are ours for sure.
+        in_flight = list(self._runs)
+        sent = time.monotonic()
+        owned = await self.store.heartbeat(conn, self.id, state)
+        was_valid = self._lease.valid()
+        self._lease.renew(sent, time.monotonic())
+        if not was_valid and self._lease.valid():
+            self.log.debug("lease_renewed", after_lapse=True)
+            self._wake.set()  # claims wait for a valid lease
+        self._fence(in_flight, owned)
+        if recheck:
+            # Reserved while we were not listening: the
+            # notification is lost, the reservation is not.
+            for run_id in await self.store.reserved_runs(conn, self.id):
+                self._on_reserved(run_id)
+        if state == "draining" != last_state:
+            # We take no reservation from now on.
+            await self.store.release_reserved(conn, self.id, keep=[*self._runs, *self._deciding])
+
+    def _on_lease_lapsed(self) -> None:
+        """No heartbeat write was confirmed in time: a peer may take our runs
+        over once takeover_after has passed since the last one, so every
+        run's step stops now (each run logs run_self_fenced and puts itself
+        back to pending if the database still has it as ours)."""
+        runs = [
+            run_id
+            for run_id, env in self._envs.items()
+            if not env.settling.is_set() and env.token is not None and not env.token.valid()
+        ]
+        (self.log.warning if runs else self.log.debug)(
+            "lease_lapsed",
+            runs=sorted(runs),
+            self_fence_after=self._lease.timing.self_fence_after,
+        )
+        for run_id in runs:
+            # Child processes (isolation = "process") are killed at once too.
+            self._cancel_run(run_id, "self-fenced")
 
     def _fence(self, in_flight: Sequence[int], owned: set[int]) -> None:
         """Stop running what the database says is no longer ours: our liveness
@@ -956,16 +1024,17 @@ class Worker:
     def _peer_grace(self) -> float:
         """How long a live worker may need to take its lock and beat again
         after an outage: its listener's longest back-off, then a stale span."""
-        return MAX_BACKOFF + self.settings.heartbeat_interval * STALE_HEARTBEATS
+        return MAX_BACKOFF + self._lease.timing.stale_after
 
     async def _recover(self, conn: psycopg.AsyncConnection[Any]) -> None:
         recovered = await self.store.recover_orphans(
             conn,
             self.id,
-            self.settings.heartbeat_interval * STALE_HEARTBEATS,
+            self._lease.timing.stale_after,
             list(self._runs),
             judge_peers=asyncio.get_running_loop().time() >= self._judge_peers_at,
             peer_grace=self._peer_grace(),
+            takeover_after=self._lease.timing.takeover_after,
         )
         for row in recovered:
             self.log.warning(
@@ -979,9 +1048,10 @@ class Worker:
         unreserved = await self.store.unreserve_gone(
             conn,
             self.id,
-            self.settings.heartbeat_interval * STALE_HEARTBEATS,
+            self._lease.timing.stale_after,
             judge_peers=asyncio.get_running_loop().time() >= self._judge_peers_at,
             peer_grace=self._peer_grace(),
+            takeover_after=self._lease.timing.takeover_after,
         )
         if recovered or unreserved:
             self._wake.set()
@@ -1071,6 +1141,7 @@ class Worker:
         for name in plan.removed:
             self._fire_cursor.pop(name, None)
         self.settings = plan.settings
+        self._lease.timing = LeaseTiming(plan.settings.heartbeat_interval)
         self._jobs = jobs
         self._steps = steps
         self._scopes = scopes

@@ -235,9 +235,8 @@ def test_listen_session_terminated(server, tmp_path, daemons):
         url,
         "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
         " JOIN syncworker.workers w ON l.objid = w.lock_key::bigint::oid"
-        " WHERE l.locktype = 'advisory' AND l.granted"
-        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        " AND w.pid = %s",
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND w.pid = %s"
+        "   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         (daemon.proc.pid,),
     )
     assert killed == 1
@@ -377,9 +376,8 @@ steps = ["sw_testjobs:plain"]
         database_url,
         "SELECT pg_terminate_backend(l.pid) FROM pg_locks l"
         " JOIN syncworker.workers w ON l.objid = w.lock_key::bigint::oid"
-        " WHERE l.locktype = 'advisory' AND l.granted"
-        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        " AND w.pid = %s",
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND w.pid = %s"
+        "   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         (daemon.proc.pid,),
     )
     daemon.wait_for("db_reconnected")

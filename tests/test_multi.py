@@ -206,9 +206,11 @@ def held(database_url, pg_server):
 def test_a_worker_that_lost_its_session_stops_working_on_the_run(
     database_url, tmp_path, start, held
 ):
-    """A's liveness session dies and cannot come back for a while: B takes the
-    run over; when A reconnects it learns the run is no longer its own, stops
-    it, and writes nothing for it."""
+    """A's liveness session dies and cannot come back for a while: A can no
+    longer confirm its ownership, so it stops the run's step itself within
+    its lease (run_self_fenced) and gives the run back, or B takes it over
+    once A's heartbeat is stale; either way B runs it and A writes no
+    outcome for it."""
     conn, refuse_new_connections = held
     config = write_config(tmp_path / "c.toml", database_url, SPAN_JOBS)
     a = start(config)
@@ -221,17 +223,17 @@ def test_a_worker_that_lost_its_session_stops_working_on_the_run(
     assert pid_of(database_url, worker_of(database_url, run_id)) == a.proc.pid
     refuse_new_connections(True)
     # A's listener session holds its liveness lock: end that session.
+    # (pg_locks spans the cluster: other databases' workers have lock keys too.)
     [(terminated,)] = conn.execute(
         "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
         " JOIN syncworker.workers w ON l.objid = w.lock_key::bigint::oid"
-        " WHERE l.locktype = 'advisory' AND l.granted"
-        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        " AND w.pid = %s",
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND w.pid = %s"
+        "   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         (a.proc.pid,),
     ).fetchall()
     assert terminated == 1
     a.wait_for("db_disconnected")
-    b.wait_for("run_recovered", run_id=run_id)
+    a.wait_for("run_self_fenced", run_id=run_id)
     wait_until(
         lambda: conn.execute(
             "SELECT 1 FROM syncworker.runs WHERE id = %s AND status = 'running' AND attempt = 2",
@@ -241,8 +243,6 @@ def test_a_worker_that_lost_its_session_stops_working_on_the_run(
     )
     refuse_new_connections(False)
     a.wait_for("db_reconnected")
-    a.wait_for("run_fenced", run_id=run_id)
-    a.wait_for("run_lost", run_id=run_id)
     release(database_url)
     wait_until(
         lambda: (
@@ -254,9 +254,19 @@ def test_a_worker_that_lost_its_session_stops_working_on_the_run(
         what="B finishing the run",
     )
     assert pid_of(database_url, worker_of(database_url, run_id)) == b.proc.pid
-    # A wrote no outcome for it, and still serves.
+    # A's step stopped before B's began; A wrote no outcome, and still serves.
+    [(a_stopped,)] = query(
+        database_url,
+        "SELECT finished_at FROM syncworker.run_steps WHERE run_id = %s AND attempt = 1",
+        (run_id,),
+    )
+    [(b_started,)] = query(
+        database_url,
+        "SELECT min(at) FROM test_log WHERE run_id = %s AND attempt = 2",
+        (run_id,),
+    )
+    assert a_stopped is not None and a_stopped < b_started
     assert a.events("run_succeeded", run_id=run_id) == []
-    assert a.events("run_cancelled", run_id=run_id) == []
     assert b.stop() == 0
     at = trigger(database_url, "span", "k1")
     wait_until(lambda: settled(database_url), what="A serving again")

@@ -181,9 +181,8 @@ def test_a_reservation_whose_notification_was_missed_is_taken_up_on_reconnect(
         database_url,
         "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
         " JOIN syncworker.workers w ON l.objid = w.lock_key::bigint::oid"
-        " WHERE l.locktype = 'advisory' AND l.granted"
-        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        " AND w.id = %s",
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND w.id = %s"
+        "   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         (worker_id,),
     )
     assert killed == 1
