@@ -158,7 +158,8 @@ def run(
             err=True,
         )
     try:
-        log = make_logger(settings.log_level, settings.log_format)
+        stream = sys.stdout if settings.log_stream == "stdout" else sys.stderr
+        log = make_logger(settings.log_level, settings.log_format, stream)
         forward_library_logs(log)
         try:
             worker = Worker(

@@ -185,6 +185,8 @@ class Settings(_SchemaField):
     heartbeat_interval: float = Field(default=10, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    # stdout for supervisors that file stderr as errors (PM2's error log).
+    log_stream: Literal["stderr", "stdout"] = "stderr"
     # Finished runs older than this are deleted (0 keeps them forever).
     history_days: float = Field(default=30, ge=0)
     http: str = ""
