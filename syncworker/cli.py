@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -44,7 +45,7 @@ _REDRAW_EVERY = 0.25
 # status --watch redraws at most this often, however many events arrive.
 _WATCH_DEBOUNCE = 0.5
 T = TypeVar("T")
-_NOT_SET_UP = "schema {!r} is not set up: run `syncworker migrate`"
+_NOT_SET_UP = "schema {!r} is not set up: run `{} migrate`"
 
 app = typer.Typer(
     add_completion=False,
@@ -75,6 +76,18 @@ DatabaseOpt = Annotated[
 
 def main() -> None:
     app()
+
+
+def _me() -> str:
+    """How to run this command again from the user's shell: `syncworker` only
+    when that is on PATH (in a fresh checkout it is `.venv/bin/syncworker`)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if Path(argv0).name != "syncworker":
+        return f"{Path(sys.executable).name} -m syncworker"  # python -m syncworker
+    found = shutil.which("syncworker")
+    if found and Path(found).resolve() == Path(argv0).resolve():
+        return "syncworker"
+    return argv0
 
 
 def _fail(code: int, message: str) -> NoReturn:
@@ -154,7 +167,7 @@ def run(
         typer.echo(
             f"embedded PostgreSQL: {server.url}\n"
             f"  trigger every job:  psql '{server.url}' -c \"NOTIFY {settings.channel}\"\n"
-            f"  see the runs:       syncworker status --database-url '{server.url}'",
+            f"  see the runs:       {_me()} status --database-url '{server.url}'",
             err=True,
         )
     try:
@@ -250,8 +263,9 @@ async def _trigger(
             )
         except TriggerError as exc:
             _fail(1, str(exc))
-        except psycopg.errors.UndefinedFunction:
-            _fail(EX_CONFIG, _NOT_SET_UP.format(settings.schema))
+        except (psycopg.errors.InvalidSchemaName, psycopg.errors.UndefinedFunction):
+            # No schema at all, or one from before trigger() existed.
+            _fail(EX_CONFIG, _NOT_SET_UP.format(settings.schema, _me()))
         if not wait:
             typer.echo(json.dumps({"runs": ids}) if as_json else " ".join(map(str, ids)))
             return 0
@@ -358,7 +372,7 @@ def status(
         try:
             return await store.read_status(conn, limit=limit, job=job)
         except psycopg.errors.UndefinedTable:
-            _fail(EX_CONFIG, _NOT_SET_UP.format(settings.schema))
+            _fail(EX_CONFIG, _NOT_SET_UP.format(settings.schema, _me()))
 
     async def once() -> dict[str, Any]:
         conn = await _connect(settings)

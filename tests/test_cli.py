@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import psycopg
 import pytest
@@ -179,3 +180,23 @@ def test_python_api_triggers_and_reports_errors(database_url, tmp_path):
     assert ids[0] in both
     rows = query(database_url, "SELECT scope, source, payload FROM syncworker.runs ORDER BY id")
     assert rows == [("RIO", "webhook", {})]  # the rolled-back HOU run is gone
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["trigger", "sync"],
+        ["trigger", "sync", "--wait", "--json"],
+        ["status"],
+        ["status", "--json"],
+    ],
+    ids=" ".join,
+)
+def test_a_database_without_the_schema_exits_78_with_the_migrate_hint(database_url, args):
+    result = cli(*args, "--database-url", database_url)
+    assert result.returncode == 78, result.stderr
+    assert result.stderr == (
+        f"syncworker: schema 'syncworker' is not set up: run `{sys.executable.rsplit('/', 1)[-1]}"
+        " -m syncworker migrate`\n"
+    )
+    assert result.stdout == ""
