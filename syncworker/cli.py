@@ -279,7 +279,7 @@ async def _trigger(
             typer.echo(f"timed out after {timeout:g} s", err=True)
         return 2
     if as_json:
-        typer.echo(json.dumps({"runs": final}, default=str))
+        typer.echo(to_json({"runs": final}, indent=None))
     ok = all(r["status"] == "succeeded" for r in final)
     return 0 if ok else 1
 

@@ -200,3 +200,20 @@ def test_a_database_without_the_schema_exits_78_with_the_migrate_hint(database_u
         " -m syncworker migrate`\n"
     )
     assert result.stdout == ""
+
+
+def test_trigger_wait_json_and_status_json_print_the_same_timestamps(database_url, tmp_path, start):
+    config = write_config(tmp_path / "c.toml", database_url, JOBS)
+    start(config)
+    # A session TimeZone other than UTC must not change what is printed.
+    env = {"PGTZ": "America/Sao_Paulo"}
+    waited = cli(
+        "trigger", "sync", "--scope", "RIO", "--wait", "--json", "--config", str(config), env=env
+    )
+    assert waited.returncode == 0, waited.stderr
+    [run] = json.loads(waited.stdout)["runs"]
+    status = json.loads(cli("status", "--json", "--config", str(config), env=env).stdout)
+    [listed] = [r for r in status["runs"] if r["id"] == run["id"]]
+    for key in ("requested_at", "started_at", "finished_at"):
+        assert run[key] == listed[key], key
+        assert run[key].endswith("Z") and "T" in run[key], run[key]
