@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
 import sys
@@ -93,6 +94,20 @@ def _me() -> str:
 def _fail(code: int, message: str) -> NoReturn:
     typer.echo(f"syncworker: {redact(message)}", err=True)
     raise typer.Exit(code)
+
+
+def _config_error(exc: ConfigError) -> str:
+    """The one line for a config error; a step that cannot be imported also
+    says where Python looked, the usual miss being an unset PYTHONPATH."""
+    text = f"config error: {exc}"
+    if exc.reason.startswith("cannot import "):
+        path = os.environ.get("PYTHONPATH")
+        now = f"PYTHONPATH={path}" if path else "PYTHONPATH is unset"
+        text += (
+            f" (install the step's package into {sys.executable}, or put its directory"
+            f" on PYTHONPATH; {now})"
+        )
+    return text
 
 
 def _settings(config: Path | None, database_url: str | None, *, required: bool) -> Settings:
@@ -184,7 +199,7 @@ def run(
             # Raised from inside too: the `http` address is bound at start.
             asyncio.run(_serve(worker))
         except ConfigError as exc:
-            _fail(EX_CONFIG, f"config error: {exc}")
+            _fail(EX_CONFIG, _config_error(exc))
     finally:
         if server is not None:
             server.close()
@@ -433,7 +448,7 @@ def check(config: ConfigOpt = None, database_url: DatabaseOpt = None) -> None:
         try:
             steps = resolve_job_steps(name, job, source)
         except ConfigError as exc:
-            _fail(EX_CONFIG, f"config error: {exc}")
+            _fail(EX_CONFIG, _config_error(exc))
         state = "" if job.enabled else " (disabled)"
         typer.echo(f"job {name}{state}: {len(steps)} step(s)")
         for step in steps:

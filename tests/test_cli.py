@@ -11,7 +11,7 @@ import pytest
 
 import syncworker
 from syncworker.embedded import free_port
-from tests.harness import cli, query, release, write_config
+from tests.harness import REPO, cli, query, release, write_config
 
 JOBS = """
 [jobs.sync]
@@ -217,3 +217,16 @@ def test_trigger_wait_json_and_status_json_print_the_same_timestamps(database_ur
     for key in ("requested_at", "started_at", "finished_at"):
         assert run[key] == listed[key], key
         assert run[key].endswith("Z") and "T" in run[key], run[key]
+
+
+def test_check_on_the_example_says_pythonpath_is_what_is_missing(database_url):
+    example = REPO / "examples" / "hello" / "syncworker.toml"
+    args = ("check", "--config", str(example), "--database-url", database_url)
+    missing = cli(*args, env={"PYTHONPATH": ""})
+    assert missing.returncode == 78
+    assert "cannot import 'hello_sync'" in missing.stderr
+    assert "put its directory on PYTHONPATH; PYTHONPATH is unset" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    found = cli(*args, env={"PYTHONPATH": str(REPO / "examples" / "hello")})
+    assert found.returncode == 0, found.stderr
+    assert "config: ok" in found.stdout
