@@ -1,4 +1,6 @@
-"""structlog set-up: one event a line on stderr, secrets redacted.
+"""structlog set-up: one event a line on stderr, secrets redacted, written
+by a thread of its own (logwriter.py: a closed or full stderr loses lines,
+never stops the worker).
 
 No global structlog configuration is touched, so a host program that embeds
 the worker keeps its own: the worker gets a logger built here and passes it on.
@@ -15,6 +17,8 @@ from typing import Any, TextIO
 
 import structlog
 from structlog.typing import FilteringBoundLogger
+
+from syncworker.logwriter import writer_for
 
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@", re.IGNORECASE)
 _KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
@@ -65,7 +69,7 @@ def make_logger(
         renderer,
     ]
     logger: FilteringBoundLogger = structlog.wrap_logger(
-        structlog.PrintLogger(out),
+        writer_for(out),
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]

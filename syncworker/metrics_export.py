@@ -16,6 +16,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from syncworker.logwriter import lost_lines
 from syncworker.metrics import DURATION_BUCKETS, DbSnapshot, Metrics, TriggerOutcome
 
 _TRIGGERS: tuple[tuple[TriggerOutcome, str], ...] = (
@@ -64,6 +65,11 @@ class _WorkerCollector(Collector):
             "syncworker_database_reconnects",
             "Times the LISTEN session came back after being lost.",
             value=m.reconnects,
+        )
+        yield CounterMetricFamily(
+            "syncworker_log_lines_lost",
+            "Log lines dropped because stderr was closed, broken or full.",
+            value=lost_lines(),
         )
         for outcome, doc in _TRIGGERS:
             yield CounterMetricFamily(

@@ -55,22 +55,11 @@ class RunEnv:
     # on the run may leave `running` by its own hand, so the worker's fence
     # check must leave it alone.
     settling: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-    # A run trigger() reserved for this worker starts before its claim is in
-    # (sql/005): the claim's write, resolving to the first step's row id, or
-    # None if the run was not ours after all. Every write of the run waits
-    # for it: they are fenced on the claim's attempt.
-    claim: asyncio.Future[int | None] | None = None
     # How the run became ours, for its run_started line: "claim" (the queue),
-    # "reservation" (started from trigger()'s reservation) or "trigger" (the
-    # NOTIFY this worker enqueued, claimed by the same call).
+    # "reservation" (trigger() reserved it for this worker, which claimed it)
+    # or "trigger" (the NOTIFY this worker enqueued, claimed by the same
+    # call). Every run starts from its claimed row, whatever the way.
     via: str = "claim"
-
-
-async def _claimed(env: RunEnv) -> bool:
-    """Wait for a reserved run's claim; False if it did not make the run ours."""
-    # Shielded: a run cancelled while waiting must not cancel the claim's
-    # future, which the worker's own callback watches. It never raises.
-    return env.claim is None or await asyncio.shield(env.claim) is not None
 
 
 async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], env: RunEnv) -> str:
@@ -151,11 +140,8 @@ async def _attempt(
                 _connect=env.connect,
                 _run_counters=counters,
             )
-            step_id: int | None
             if position == 0 and run.first_step_id is not None:
                 step_id = run.first_step_id  # the claim wrote this step's start
-            elif position == 0 and run.attempt == 1 and env.claim is not None:
-                step_id = None  # the reserved run's claim is writing it now
             else:
                 async with env.connect() as conn:
                     step_id = await env.store.step_started(conn, run, position, step.name, counters)
@@ -182,11 +168,6 @@ async def _attempt(
             finally:
                 await _stop_flushing(flusher, step_over)
                 _, step_counters = ctx.snapshot()
-                if step_id is None and env.claim is not None:
-                    step_id = await env.claim
-                if step_id is None:  # the reservation was not ours after all
-                    env.lost.set()
-                    raise asyncio.CancelledError
                 write = functools.partial(
                     env.store.step_finished,
                     step_id=step_id,
@@ -220,8 +201,6 @@ async def _flush_progress(
     """
     last: dict[str, Any] | None = None
     failing = False
-    if not await _claimed(env):
-        return
     while not await wait_event(done, PROGRESS_INTERVAL):
         counters, _ = ctx.snapshot()
         state = counters.as_params()
@@ -301,8 +280,6 @@ async def _persist(
     limit: float = _PERSIST_FOR,
 ) -> T | None:
     """Run one store write, retrying through a lost connection for a while."""
-    if not await _claimed(env):
-        return None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
     delay = 0.1

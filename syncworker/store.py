@@ -106,10 +106,17 @@ class Store:
         self._s = s
         q = self._compose
         self.q_trigger = q("SELECT run_id, created FROM {s}.trigger(%s, %s, %s, %s, %s, %s)")
+        # The same, within a lock budget (see _LOCK_BUDGET).
+        self.q_trigger_budgeted = q(
+            _LOCK_BUDGET.format("%s") + " SELECT t.run_id, t.created FROM budget,"
+            " LATERAL {s}.trigger(%s || left(budget.v, 0), %s, %s, %s, %s, %s) AS t"
+        )
         self.q_claim = q(_CLAIM)
         self.q_trigger_and_claim = q(
-            "SELECT run_id, created, step_id, max_attempts FROM {s}.trigger_and_claim("
-            "%(me)s, %(first)s, %(events)s, %(job)s, %(scope)s, %(source)s, %(by)s, %(payload)s)"
+            _LOCK_BUDGET.format("%(lock_timeout)s")
+            + " SELECT t.run_id, t.created, t.step_id, t.max_attempts FROM budget,"
+            " LATERAL {s}.trigger_and_claim(%(me)s || left(budget.v, 0), %(first)s, %(events)s,"
+            " %(job)s, %(scope)s, %(source)s, %(by)s, %(payload)s) AS t"
         )
         self.q_finish = q(_FINISH)
         self.q_requeue = q(_REQUEUE)
@@ -268,11 +275,22 @@ class Store:
         triggered_by: str | None = None,
         payload: Mapping[str, Any] | None = None,
         scheduled_for: datetime | None = None,
+        lock_timeout: str | None = None,
     ) -> list[tuple[int, bool]]:
-        cur = await conn.execute(
-            self.q_trigger,
-            (job, scope, source, triggered_by, Jsonb(dict(payload or {})), scheduled_for),
+        """trigger(); with `lock_timeout`, it raises LockNotAvailable rather
+        than wait longer than that for a lock (see _LOCK_BUDGET)."""
+        args: tuple[Any, ...] = (
+            job,
+            scope,
+            source,
+            triggered_by,
+            Jsonb(dict(payload or {})),
+            scheduled_for,
         )
+        if lock_timeout is None:
+            cur = await conn.execute(self.q_trigger, args)
+        else:
+            cur = await conn.execute(self.q_trigger_budgeted, (lock_timeout, *args))
         return [(int(r[0]), bool(r[1])) for r in await cur.fetchall()]
 
     async def trigger_and_claim(
@@ -286,16 +304,19 @@ class Store:
         source: str,
         triggered_by: str | None,
         payload: Mapping[str, Any],
+        lock_timeout: str | None = None,
     ) -> list[tuple[int, bool, ClaimedRun | None]]:
         """trigger() for a worker that heard a NOTIFY: when this worker may
         take the run (`first_step` given) and the key has nothing pending,
         the run is inserted already claimed for it, with the first step's
         start, as claim() would write it (sql/006); otherwise plain trigger().
         Returns each run's id, whether it was created, and the run claimed
-        for this worker, if any."""
+        for this worker, if any. A `lock_timeout` bounds its lock waits
+        (see _LOCK_BUDGET)."""
         cur = await conn.execute(
             self.q_trigger_and_claim,
             {
+                "lock_timeout": lock_timeout,
                 "me": worker_id,
                 "first": first_step,
                 "events": self.events_channel,
@@ -497,36 +518,49 @@ class Store:
         )
 
     async def claim_reserved(
-        self, conn: psycopg.AsyncConnection[Any], run: ClaimedRun, first_step: str
-    ) -> tuple[int, int] | None:
-        """Claim a run trigger() reserved for this worker (sql/005), recording
-        its first step's start as claim() does; returns that step's row id and
-        the triggers coalesced into the run, or None when the reservation is
-        no longer this worker's."""
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        worker_id: str,
+        run_id: int,
+        jobs: Sequence[str],
+        first_steps: Mapping[str, str],
+    ) -> ClaimedRun | None:
+        """Claim run `run_id` if trigger() reserved it for this worker and it
+        is still pending, recording its first step's start as claim() does;
+        the run as its row says, or None when it is not ours to start. A
+        reservation that cannot be taken (its key is running elsewhere, its
+        job is not run here) is given back to the others."""
         try:
             cur = await conn.execute(
                 self.q_claim_reserved,
-                {**self._fence(run), "step": first_step, "events": self.events_channel},
+                {
+                    "id": run_id,
+                    "worker": worker_id,
+                    "jobs": list(jobs),
+                    "first": Jsonb(dict(first_steps)),
+                    "events": self.events_channel,
+                    "wake": self.wake,
+                },
             )
         except psycopg.errors.UniqueViolation:
-            return None  # a run of the key is running after all: not ours to start
+            # A run of the key is running after all: not ours to start now.
+            await self.release_reserved(conn, worker_id, only=run_id)
+            return None
         row = await cur.fetchone()
-        return None if row is None else (int(row[0]), int(row[1]))
+        if row is None:
+            return None
+        return _claimed_run(row, worker_id, first_step_id=row[10])
 
-    async def reserved_runs(
-        self, conn: psycopg.AsyncConnection[Any], worker_id: str
-    ) -> list[ClaimedRun]:
-        """Runs reserved for this worker and not claimed yet, as their
-        notifications describe them (for those it may not have heard)."""
+    async def reserved_runs(self, conn: psycopg.AsyncConnection[Any], worker_id: str) -> list[int]:
+        """Ids of the runs reserved for this worker and not claimed yet (for
+        those whose notification it may not have heard)."""
         cur = await conn.execute(
             self._compose(
-                "SELECT id, job, scope, source, triggered_by, payload, scheduled_for,"
-                " attempt + 1, max_attempts FROM {s}.runs"
-                " WHERE reserved_for = %s AND status = 'pending' ORDER BY id"
+                "SELECT id FROM {s}.runs WHERE reserved_for = %s AND status = 'pending' ORDER BY id"
             ),
             (worker_id,),
         )
-        return [_claimed_run(r, worker_id) for r in await cur.fetchall()]
+        return [int(r[0]) for r in await cur.fetchall()]
 
     async def release_reserved(
         self,
@@ -769,6 +803,18 @@ ON CONFLICT (name) DO UPDATE SET
 
 # pg_notify() in RETURNING publishes the run event in the same statement, and
 # so in the same transaction, as the status change it reports.
+# A statement that brings its own lock_timeout, for the listener's enqueues:
+# an app transaction holding a key (its trigger() left uncommitted) must not
+# stall the session every notification comes through. set_config(..., true)
+# lasts for the current transaction: in autocommit, this statement alone. The
+# MATERIALIZED CTE is evaluated once, and the call takes an argument from it
+# (an empty string), so the setting is in place before the call runs. None
+# keeps the session's own setting.
+_LOCK_BUDGET = (
+    "WITH budget AS MATERIALIZED (SELECT set_config('lock_timeout',"
+    " coalesce({}::text, current_setting('lock_timeout')), true) AS v)"
+)
+
 _EVENT = (
     "pg_notify(%(events)s, json_build_object('event', {event}, 'run_id', r.id, 'job', r.job,"
     " 'scope', r.scope, 'status', r.status)::text)"
@@ -988,25 +1034,45 @@ SELECT count(*) FROM freed
 """
 )
 
-# A reserved run's claim: the reservation is the fence (sql/005). Same writes
-# as _CLAIM, for the one run trigger() reserved, with its first step's start.
+# A reserved run's claim (sql/005): the reservation is the fence. The
+# notification that named the run is a hint and nothing more: this statement
+# alone decides, from the row, whether the run is ours (reserved for us,
+# still pending, a job we run), and returns the row the step starts from,
+# with the same writes as _CLAIM. A reservation of a job we no longer run (a
+# reload since it was made) is given back in the same statement.
 _CLAIM_RESERVED = (
     """
-WITH claimed AS (
-    UPDATE {s}.runs AS r
-    SET status = 'running', started_at = clock_timestamp(), worker_id = %(worker)s,
-        attempt = r.attempt + 1, reserved_for = NULL, current_step = %(step)s
+WITH target AS MATERIALIZED (
+    SELECT r.id, r.job = ANY(%(jobs)s) AS ours FROM {s}.runs r
     WHERE r.id = %(id)s AND r.status = 'pending' AND r.reserved_for = %(worker)s
-      AND r.attempt = %(attempt)s - 1
-    RETURNING r.id, r.attempt, r.triggers, """
+    FOR UPDATE
+), released AS (
+    UPDATE {s}.runs AS r SET reserved_for = NULL
+    FROM target t WHERE r.id = t.id AND NOT t.ours
+    RETURNING pg_notify(%(wake)s, r.job)
+), claimed AS (
+    UPDATE {s}.runs AS r
+    SET status = 'running', started_at = clock_timestamp(), finished_at = NULL,
+        duration_ms = NULL, worker_id = %(worker)s, attempt = r.attempt + 1, error = NULL,
+        reserved_for = NULL, current_step = %(first)s::jsonb ->> r.job,
+        records_total = NULL, records_processed = 0, records_inserted = 0, records_updated = 0,
+        records_deleted = 0, records_errored = 0
+    FROM target t
+    WHERE r.id = t.id AND t.ours
+    RETURNING r.id, r.job, r.scope, r.source, r.triggered_by, r.payload, r.scheduled_for,
+              r.attempt, r.max_attempts, """
     + _EVENT.replace("{event}", "'run_started'")
     + """ AS event
 ), step AS (
     INSERT INTO {s}.run_steps (run_id, attempt, position, name, status)
-    SELECT c.id, c.attempt, 0, %(step)s, 'running' FROM claimed c
+    SELECT c.id, c.attempt, 0, %(first)s::jsonb ->> c.job, 'running'
+    FROM claimed c WHERE %(first)s::jsonb ->> c.job IS NOT NULL
     RETURNING id
 )
-SELECT s.id, c.triggers FROM step s, claimed c
+SELECT c.id, c.job, c.scope, c.source, c.triggered_by, c.payload, c.scheduled_for,
+       c.attempt, c.max_attempts, c.event, (SELECT id FROM step),
+       (SELECT count(*) FROM released)
+FROM claimed c
 """
 )
 

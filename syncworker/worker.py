@@ -9,7 +9,6 @@ finishing, a signal), plus the drain on stop.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import secrets
 import socket
@@ -57,6 +56,9 @@ PRUNE_BATCH = 500
 CHECK_IDLE_AFTER = 1.0
 # How long after a change of state (idle, running, draining) it is written.
 STATE_SETTLE = 0.2
+# The longest a NOTIFY's enqueue waits for a lock while the listener waits
+# for it (see _enqueue). Two triggers of one key contend for milliseconds.
+LISTENER_LOCK_TIMEOUT = "50ms"
 
 
 class Worker:
@@ -366,31 +368,31 @@ class Worker:
         return True
 
     def _on_reservation(self, payload: str) -> None:
-        """Start a run trigger() reserved for us, its claim written alongside;
-        give it back when we cannot take it now."""
-        run = reserved.read_reservation(payload, self.id)
-        if run is not None:
-            self._on_reserved(run)
+        """A wake naming a run reserved for us: try to claim it. The message
+        is only a hint (any role may send one): the claim decides."""
+        run_id = reserved.reserved_run_id(payload, self.id)
+        if run_id is not None:
+            self._on_reserved(run_id)
 
-    def _on_reserved(self, run: ClaimedRun) -> None:
-        # Heard twice (the notification, and the look after a reconnect):
-        # taken once.
-        if run.id in self._runs or run.id in self._deciding:
+    def _on_reserved(self, run_id: int) -> None:
+        # Heard twice (the notification, and the look after a reconnect), or
+        # replayed: claimed once at most.
+        if run_id in self._runs or run_id in self._deciding:
             return
         if self._claiming is not None and not self._claiming.done():
             # Our claim in flight may take the last slot: decide after it.
-            self._spawn(self._take_after_claim(run, self._claiming))
+            self._spawn(self._take_after_claim(run_id, self._claiming))
         else:
-            self._take_reservation(run)
+            self._take_reservation(run_id)
 
-    async def _take_after_claim(self, run: ClaimedRun, claiming: asyncio.Future[bool]) -> None:
-        self._deciding.add(run.id)
+    async def _take_after_claim(self, run_id: int, claiming: asyncio.Future[bool]) -> None:
+        self._deciding.add(run_id)
         try:
             await asyncio.wait({claiming})
         finally:
-            self._deciding.discard(run.id)
-        if run.id not in self._runs:
-            self._take_reservation(run)
+            self._deciding.discard(run_id)
+        if run_id not in self._runs:
+            self._take_reservation(run_id)
 
     def _free_slot(self) -> bool:
         """A run could start here now: not stopping, and a slot free counting
@@ -399,29 +401,32 @@ class Worker:
         taken = len(self._runs) + len(self._deciding) + claiming + self._starting
         return not self._stopping.is_set() and taken < self.settings.concurrency
 
-    def _take_reservation(self, run: ClaimedRun) -> None:
-        steps = self._steps.get(run.job)
-        reason = (
-            "draining"
-            if self._stopping.is_set()
-            else "no free slot"
-            if not self._free_slot()
-            else "job not run here"
-            if not steps or run.job not in self._claimable
-            else None
-        )
-        if reason is not None or not steps:
-            self.log.debug("reservation_released", run_id=run.id, reason=reason)
-            self._spawn(self._release(only=run.id))
+    def _take_reservation(self, run_id: int) -> None:
+        if not self._free_slot():
+            reason = "draining" if self._stopping.is_set() else "no free slot"
+            self.log.debug("reservation_released", run_id=run_id, reason=reason)
+            self._spawn(self._release(only=run_id))
             return
-        # The run's task is made first, so it reaches its step before the
-        # claim's task spends its turn checking out a connection.
-        claim: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._start_run(run, steps, claim)
-        writing = asyncio.ensure_future(
-            reserved.claim(self.store, self._connect, self.log, run, steps[0].name)
-        )
-        writing.add_done_callback(functools.partial(_settle, claim))
+        # The slot is held from now: counted in _deciding until the claim
+        # answers, then in _runs if it made the run ours.
+        self._deciding.add(run_id)
+        self._spawn(self._claim_reserved(run_id))
+
+    async def _claim_reserved(self, run_id: int) -> None:
+        # The steps as they are now, as in _claim_one.
+        steps = self._steps
+        first = {job: job_steps[0].name for job, job_steps in steps.items() if job_steps}
+        try:
+            run = await reserved.claim(
+                self.store, self._connect, self.log, self.id, run_id, self._claimable, first
+            )
+        finally:
+            self._deciding.discard(run_id)
+        if run is None:
+            self.log.debug("reservation_not_claimed", run_id=run_id)
+            self._wake.set()  # the slot it held is free again
+            return
+        self._start_run(run, steps[run.job], via="reservation")
 
     async def _release(self, only: int | None = None) -> None:
         """Give back our reservations (all, or `only` one)."""
@@ -443,10 +448,22 @@ class Worker:
         await self.store.offer(conn, self.id, self.settings.concurrency, enabled)
 
     async def _enqueue(
-        self, session: psycopg.AsyncConnection[Any] | None, requests: Sequence[TriggerRequest]
+        self,
+        session: psycopg.AsyncConnection[Any] | None,
+        requests: Sequence[TriggerRequest],
+        lock_timeout: str | None = LISTENER_LOCK_TIMEOUT,
+        claim: bool = True,
     ) -> None:
         """Enqueue on the session that heard the NOTIFY when it is offered
-        (listener.py says why), else on a pooled one."""
+        (listener.py says why), else on a pooled one.
+
+        The listener waits for this call before it reads the next
+        notification, so the call may wait for a lock only `lock_timeout`:
+        an app transaction holding the key (a trigger() of it left open)
+        would hold up every notification behind it. A request that finds
+        its key locked is enqueued again in the background, where it waits
+        as long as the lock is held, holding no slot (`claim` False: a
+        plain trigger(), whose wake-up gets the run claimed)."""
         # All of a notification's requests or none; a lone trigger() call is
         # atomic by itself, and BEGIN and COMMIT would cost two round trips.
         atomic = len(requests) > 1
@@ -456,9 +473,14 @@ class Worker:
                 conn.transaction() if atomic else nullcontext(),
             ):
                 if not atomic:
-                    runs = await self._enqueue_and_claim(conn, requests[0])
+                    runs = await self._enqueue_and_claim(conn, requests[0], lock_timeout, claim)
                 else:
-                    runs = await self._enqueue_all(conn, requests)
+                    runs = await self._enqueue_all(conn, requests, lock_timeout)
+        except psycopg.errors.LockNotAvailable:
+            # Nothing was written (the statement, or the transaction, failed).
+            self.log.info("trigger_deferred", reason="its key is locked by an open transaction")
+            self._spawn(self._enqueue(None, requests, lock_timeout=None, claim=False))
+            return
         except psycopg.errors.InvalidParameterValue as exc:
             # trigger() refused it (the database's view of the jobs differs).
             reason = exc.diag.message_primary or str(exc)
@@ -476,7 +498,10 @@ class Worker:
         self.log.info("trigger_enqueued", runs=runs)
 
     async def _enqueue_all(
-        self, conn: psycopg.AsyncConnection[Any], requests: Sequence[TriggerRequest]
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        requests: Sequence[TriggerRequest],
+        lock_timeout: str | None,
     ) -> list[dict[str, Any]]:
         runs: list[dict[str, Any]] = []
         for req in requests:
@@ -487,6 +512,7 @@ class Worker:
                 source=req.source,
                 triggered_by=req.triggered_by,
                 payload=req.payload,
+                lock_timeout=lock_timeout,
             )
             runs += [
                 {"job": req.job, "scope": req.scope, "run_id": i, "created": created}
@@ -495,12 +521,16 @@ class Worker:
         return runs
 
     async def _enqueue_and_claim(
-        self, conn: psycopg.AsyncConnection[Any], req: TriggerRequest
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        req: TriggerRequest,
+        lock_timeout: str | None,
+        claim: bool,
     ) -> list[dict[str, Any]]:
         """A lone request: the run it creates may be claimed for us by the
         same call (trigger_and_claim), and start on its answer."""
         job_steps = self._steps.get(req.job)  # as the claim records them
-        first = job_steps[0].name if job_steps and self._free_slot() else None
+        first = job_steps[0].name if claim and job_steps and self._free_slot() else None
         self._starting += first is not None
         try:
             made = await self.store.trigger_and_claim(
@@ -512,6 +542,7 @@ class Worker:
                 source=req.source,
                 triggered_by=req.triggered_by,
                 payload=req.payload,
+                lock_timeout=lock_timeout,
             )
         finally:
             self._starting -= first is not None
@@ -667,35 +698,17 @@ class Worker:
         self._start_run(run, steps[run.job])
         return True
 
-    def _start_run(
-        self,
-        run: ClaimedRun,
-        steps: Sequence[Step],
-        claim: asyncio.Future[int | None] | None = None,
-        via: str = "claim",
-    ) -> None:
+    def _start_run(self, run: ClaimedRun, steps: Sequence[Step], via: str = "claim") -> None:
         env = RunEnv(
             store=self.store,
             connect=self._connect,
             log=self.log,
             stopping=self._stopping,
-            claim=claim,
-            via="reservation" if claim is not None else via,
+            via=via,
         )
         task = asyncio.create_task(
             execute_run(run, self._jobs[run.job], steps, env), name=f"run-{run.id}"
         )
-        if claim is not None:
-
-            def on_claim(f: asyncio.Future[int | None]) -> None:
-                if f.cancelled() or f.exception() is not None or f.result() is None:
-                    env.lost.set()  # not ours: nothing more is written for it
-                    task.cancel()
-                    # Still reserved for us if the claim failed for another
-                    # reason than a release (an outage): let others have it.
-                    self._spawn(self._release(only=run.id))
-
-            claim.add_done_callback(on_claim)
         self._runs[run.id] = task
         self._envs[run.id] = env
         self._state_changed.set()
@@ -770,19 +783,14 @@ class Worker:
                 async with self._connect() as conn:
                     if due or state != last_state:
                         # Runs claimed after this snapshot are ours for sure.
-                        # (A reserved run counts once its claim is in.)
-                        in_flight = [
-                            run_id
-                            for run_id, env in self._envs.items()
-                            if env.claim is None or env.claim.done()
-                        ]
+                        in_flight = list(self._runs)
                         owned = await self.store.heartbeat(conn, self.id, state)
                         self._fence(in_flight, owned)
                         if recheck:
                             # Reserved while we were not listening: the
                             # notification is lost, the reservation is not.
-                            for run in await self.store.reserved_runs(conn, self.id):
-                                self._on_reserved(run)
+                            for run_id in await self.store.reserved_runs(conn, self.id):
+                                self._on_reserved(run_id)
                         if state == "draining" != last_state:
                             # We take no reservation from now on.
                             await self.store.release_reserved(
@@ -998,14 +1006,6 @@ class Worker:
         ):
             return
         await AsyncConnectionPool.check_connection(conn)
-
-
-def _settle(claim: asyncio.Future[int | None], writing: asyncio.Future[int | None]) -> None:
-    """Pass the claim's write on to the run's view of it; a failed write is
-    a claim that did not make the run ours."""
-    if not claim.done():
-        ok = not writing.cancelled() and writing.exception() is None
-        claim.set_result(writing.result() if ok else None)
 
 
 def _outcome(task: asyncio.Task[str], env: RunEnv) -> str:

@@ -177,3 +177,73 @@ def test_bound_context_is_logged_and_redacted() -> None:
     record = lines(stream)[0]
     assert record["run_id"] == 3
     assert record["dsn"] == "postgresql://u:***@h/d"
+
+
+# -- a stderr that goes away -------------------------------------------------------------
+
+
+def test_a_closed_stderr_loses_lines_not_runs(database_url, tmp_path) -> None:
+    """`syncworker run | tee` and Ctrl-C on tee, or a log shipper that died:
+    the worker's stderr is a pipe nobody reads. Runs still run to their end,
+    the lost lines are counted, and a stop still exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from syncworker.embedded import free_port
+    from tests.harness import _base_env, query, wait_until, write_config
+    from tests.invariants import assert_invariants, trigger
+
+    port = free_port()
+    config = write_config(
+        tmp_path / "c.toml",
+        database_url,
+        '[jobs.solo]\nsteps = ["sw_testjobs:record"]\n',
+        http=f"127.0.0.1:{port}",
+    )
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "syncworker", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=write_end,
+        env=_base_env(),
+    )
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as reader:
+            for line in reader:
+                if b'"worker_started"' in line:
+                    break
+        # The reader is gone: every write to the pipe now fails with EPIPE.
+        run_ids = [trigger(database_url, "solo") for _ in range(3)]
+        wait_until(
+            lambda: (
+                query(
+                    database_url,
+                    "SELECT count(*) FROM syncworker.runs WHERE id = ANY(%s) AND status = 'succeeded'",
+                    (run_ids,),
+                )
+                == [(3,)]
+            ),
+            what="every run succeeded with nobody reading the logs",
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        [lost] = [
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("syncworker_log_lines_lost_total ")
+        ]
+        assert lost > 0
+        with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+            assert response.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_invariants(database_url)

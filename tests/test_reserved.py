@@ -270,34 +270,24 @@ def test_two_workers_hearing_one_notify_run_it_once(database_url, tmp_path, star
     assert_invariants(database_url)
 
 
-def test_triggers_that_joined_a_reserved_run_before_its_claim_get_a_follow_up(
-    database_url, tmp_path, start
-):
-    """The step may begin before the claim is in; a trigger that joined the
-    still-pending run meanwhile must still be followed by a run after it."""
+def test_triggers_that_joined_a_reserved_run_are_served_by_it(database_url, tmp_path, start):
+    """The claim is in before the step begins, so a trigger that joined the
+    still-pending run came before the step: the run serves it, no follow-up."""
     daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
     worker_id = _worker_id(database_url, daemon)
     run_id = _pending_run(database_url, "solo", reserved_for=worker_id)
     execute(database_url, "UPDATE syncworker.runs SET triggers = 3 WHERE id = %s", (run_id,))
     _notify_reservation(database_url, run_id)
     assert daemon.wait_for("run_started", run_id=run_id)["via"] == "reservation"
-    wait_until(
-        lambda: (
-            query(
-                database_url,
-                "SELECT count(*) FROM syncworker.runs WHERE job = 'solo' AND status = 'succeeded'",
-            )
-            == [(2,)]
-        ),
-        what="the run and its follow-up",
-    )
-    [(first_started, follow_up_started)] = query(
+    wait_until(lambda: _status(database_url, run_id)[0] == "succeeded", what="run succeeded")
+    [(requested, started)] = query(
         database_url,
-        "SELECT min(started_at), max(started_at) FROM syncworker.runs WHERE job = 'solo'",
+        "SELECT requested_at, started_at FROM syncworker.runs WHERE id = %s",
+        (run_id,),
     )
-    assert follow_up_started > first_started
-    said = daemon.wait_for("followup_requested", run_id=run_id)
-    assert (said["joined"], said["created"]) == (2, True)
+    assert started > requested
+    assert query(database_url, "SELECT count(*) FROM syncworker.runs") == [(1,)]
+    assert not daemon.events("followup_requested")
     assert daemon.stop() == 0
     assert_invariants(database_url)
 

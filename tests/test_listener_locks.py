@@ -1,0 +1,63 @@
+"""The listening session never waits on a lock an app holds (issue 13).
+
+Every NOTIFY reaches the worker through one session, and the worker reads
+the next only once the previous one is enqueued. An app transaction that
+triggered a key and stays open holds that key's lock; a NOTIFY of the same
+key must not hold up every other trigger until it commits.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from tests.harness import execute, query, wait_until, write_config
+from tests.invariants import assert_invariants
+
+JOBS = """
+[jobs.solo]
+steps = ["sw_testjobs:record"]
+
+[jobs.other]
+steps = ["sw_testjobs:record"]
+"""
+
+
+def _statuses(url: str, job: str) -> list[str]:
+    return [
+        row[0] for row in query(url, "SELECT status FROM syncworker.runs WHERE job = %s", (job,))
+    ]
+
+
+def test_an_open_transaction_holding_a_key_does_not_stall_other_triggers(
+    database_url, tmp_path, start
+):
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    with psycopg.connect(database_url) as app:  # a transaction, left open
+        app.execute("SELECT * FROM syncworker.trigger('solo')")
+        execute(database_url, "NOTIFY sync_trigger, 'solo'")
+        daemon.wait_for("trigger_deferred")
+        # The listener is free: a trigger of another key runs at once, by
+        # NOTIFY and by a durable trigger() alike, while `app` stays open.
+        execute(database_url, "NOTIFY sync_trigger, 'other'")
+        daemon.wait_for("run_succeeded", job="other", timeout=10)
+        execute(database_url, "SELECT * FROM syncworker.trigger('other', source => 'sql')")
+        daemon.wait_for("run_succeeded", job="other", count=2, timeout=10)
+        assert _statuses(database_url, "solo") == []  # not visible until the commit
+        app.commit()
+    # The deferred NOTIFY is enqueued once the lock is free, and joins or
+    # follows the app's run: every trigger of solo is served.
+    wait_until(
+        lambda: (
+            "succeeded" in _statuses(database_url, "solo")
+            and not {"pending", "running"} & set(_statuses(database_url, "solo"))
+        ),
+        what="solo served after the commit",
+    )
+    [enqueued] = [
+        r for r in daemon.events("trigger_enqueued") if r["runs"] and r["runs"][0]["job"] == "solo"
+    ]
+    assert enqueued["runs"][0]["run_id"] in {
+        row[0] for row in query(database_url, "SELECT id FROM syncworker.runs WHERE job = 'solo'")
+    }
+    assert daemon.stop() == 0
+    assert_invariants(database_url)
