@@ -209,6 +209,14 @@ def test_quickstart_make_run_then_the_commands_it_prints(
     try:
         url = run.wait_line(r"embedded PostgreSQL: (postgresql://\S+)").group(1)
         run.wait_line(r'"event": "worker_started"')
+        # The commands the worker prints under its URL run as printed.
+        printed = [
+            run.wait_line(rf"^  {label}:\s+(.+)$").group(1)
+            for label in ("trigger every job", "see the runs")
+        ]
+        assert printed[1].startswith(".venv/bin/syncworker status "), printed
+        shown = bash("\n".join(printed), checkout, user_env())
+        assert shown.returncode == 0, shown.stdout + shown.stderr
         # The block says 'URL' where the reader pastes the printed one.
         script = block("quickstart").replace("'URL'", f"'{url}'")
         assert url in script and "URL'" not in script.replace(url, "")
