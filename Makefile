@@ -9,7 +9,7 @@ BENCH_VENV ?= .venv-bench
 BENCH_BIN  := $(BENCH_VENV)/bin
 QUICK      ?=
 
-.PHONY: help install run test soak lint typecheck check clean bench bench-install
+.PHONY: help install run test test-tools soak lint typecheck check clean bench bench-install
 
 help:
 	@echo "make run        start a worker on a throwaway embedded PostgreSQL with the example job"
@@ -37,7 +37,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck
+# Tools the tests run for real, from Debian's packages: libfaketime (workers
+# with a skewed clock). Installed once; needs root, as CI has.
+test-tools:
+	@command -v faketime >/dev/null || apt-get install -y -q faketime >/dev/null \
+		|| (apt-get update -q >/dev/null && apt-get install -y -q faketime >/dev/null)
+
+test: lint typecheck test-tools
 	$(BIN)/pytest
 
 # Not part of `make test`: ten minutes of chaos, then the invariants.

@@ -28,8 +28,8 @@ module.exports = {
       min_uptime: 10000,
       // 78 is a config error, which a restart cannot fix: stay stopped, with
       // the reason in `pm2 logs`. Any other exit is restarted, 0 included:
-      // `pm2 stop` never restarts, so a 0 seen here is a step that ended the
-      // process (sys.exit, os._exit).
+      // `pm2 stop` never restarts, so a 0 seen here is a stop PM2 did not
+      // ask for (a kill by hand); a step ending the process exits 70.
       stop_exit_codes: [78],
       max_restarts: 10,
       merge_logs: true,

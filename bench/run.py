@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.common import REPO, Config, Row, Server
 
-SCENARIOS = ["latency", "idle", "cron", "burst", "scaleout", "failover", "mirror"]
+SCENARIOS = ["latency", "idle", "cron", "burst", "scaleout", "failover", "mirror", "prune"]
 RESULTS = REPO / "bench" / "results"
 
 

@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 a run failed (trigger --wait) or an unexpected error;
 2 timeout (trigger --wait) or bad usage; 69 database unreachable (EX_UNAVAILABLE);
-77 the database role lacks a privilege (EX_NOPERM); 78 configuration error (EX_CONFIG).
+70 `run` ended without a requested stop (EX_SOFTWARE); 77 the database role
+lacks a privilege (EX_NOPERM); 78 configuration error (EX_CONFIG).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import typer
 from syncworker import schedule
 from syncworker.api import TriggerError, trigger_sync
 from syncworker.config import ConfigError, Settings, config_path, load_config
+from syncworker.exits import EX_SOFTWARE, guard_os_exit, real_exit
 from syncworker.heap import freeze_startup_heap
 from syncworker.logs import forward_library_logs, make_logger, redact
 from syncworker.progress import TERMINAL, ProgressView
+from syncworker.stall import StallWatch
 from syncworker.status import render, to_json
 from syncworker.steps import resolve_job_steps
 from syncworker.store import Store
@@ -166,7 +169,10 @@ def run(
         ),
     ] = False,
 ) -> None:
-    """Run the daemon until SIGTERM/SIGINT, then drain and exit 0."""
+    """Run the daemon until SIGTERM/SIGINT, then drain and exit 0.
+
+    Any other end is non-zero: 70 when the worker stopped by itself (a step it
+    could not cancel, a step calling os._exit, a crash), 69 or 78 as above."""
     from syncworker.worker import Worker
 
     settings = _settings(config, database_url, required=True)
@@ -197,26 +203,56 @@ def run(
                 load=lambda: load_config(config, required=True),
             )
             # Raised from inside too: the `http` address is bound at start.
-            asyncio.run(_serve(worker))
+            code = asyncio.run(_serve(worker))
         except ConfigError as exc:
             _fail(EX_CONFIG, _config_error(exc))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            reason = str(exc).strip().splitlines()[0]
+            _fail(EX_NOPERM, f"permission denied: {reason} (README, 'Least-privilege roles')")
+        except SystemExit as exc:
+            # sys.exit() out of the loop itself (a task a step started): the
+            # drain was skipped, so never 0. Steps' own calls fail the step.
+            log.error("worker_exit_unrequested", code=exc.code, exit_code=EX_SOFTWARE)
+            code = EX_SOFTWARE
     finally:
         if server is not None:
             server.close()
+    if code:
+        raise typer.Exit(code)
 
 
-async def _serve(worker: Worker) -> None:
+async def _serve(worker: Worker) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     loop.add_signal_handler(signal.SIGHUP, worker.reload)
+    stall = StallWatch(worker.log, lambda: worker.settings.drain_timeout)
+    stall.start((signal.SIGTERM, signal.SIGINT))
     freezer = asyncio.create_task(_freeze_when_started(worker), name="heap-freezer")
     try:
-        await worker.run()
+        with guard_os_exit(worker.log):
+            await worker.run()
+    except (ConfigError, psycopg.errors.InsufficientPrivilege):
+        raise  # exit codes 78 and 77, from run()
+    except Exception:
+        # Not a requested stop: non-zero, so that a supervisor restarts it.
+        worker.log.error("worker_crashed", exit_code=EX_SOFTWARE, exc_info=True)
+        return EX_SOFTWARE
     finally:
         freezer.cancel()
+        stall.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+    stuck = worker.stuck_tasks()
+    if stuck:
+        # asyncio.run() would wait for these forever as it closes the loop.
+        worker.log.error(
+            "worker_exit_abandoned",
+            exit_code=worker.exit_code,
+            steps=[left.describe() for left in stuck],
+        )
+        real_exit(worker.exit_code or EX_SOFTWARE)
+    return worker.exit_code
 
 
 async def _freeze_when_started(worker: Worker) -> None:
@@ -315,10 +351,11 @@ async def _wait_for_runs(
     rows: dict[int, dict[str, Any] | None] = {}
     stale = set(wanted)
     reread_at = loop.time() + _REREAD_EVERY
+    payload = await store.may_read_payload(conn)  # the app role may not (sql/007)
     try:
         while True:
             for run_id in sorted(stale):
-                rows[run_id] = row = await store.read_run(conn, run_id)
+                rows[run_id] = row = await store.read_run(conn, run_id, payload=payload)
                 if row is not None and view is not None:
                     view.row(row)
             stale.clear()

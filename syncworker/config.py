@@ -106,6 +106,10 @@ class JobConfig(BaseModel):
     on_overlap: Literal["queue", "skip"] = "queue"
     misfire: Literal["run_once", "skip"] = "run_once"
     enabled: bool = True
+    # Where a callable step runs: "thread" (the worker's process: its loop
+    # for async functions, a thread for plain ones) or "process" (a child
+    # process the worker can kill, for steps that must be stoppable).
+    isolation: Literal["thread", "process"] = "thread"
 
     @field_validator("schedule", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import psycopg
 from structlog.typing import FilteringBoundLogger
 
+from syncworker import runtime
 from syncworker.aio import cancel_and_wait, wait_event
 from syncworker.config import JobConfig
 from syncworker.context import StopRequest, SyncContext
@@ -109,12 +110,29 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
 
         delay = job.retry_backoff * 2 ** (run.attempt - 1)
         log.info("run_retrying", attempt=run.attempt, next_attempt=run.attempt + 1, delay=delay)
-        if await wait_event(env.stopping, delay):
+        if await wait_event(env.stopping, delay) or await _abandoned_or_stop(env, log):
             return await _requeue(run, env, log, f"interrupted by shutdown after: {error}")
         if not await _persist(log, functools.partial(env.store.next_attempt, run=run), env):
             log.warning("run_lost", reason="another worker took the run over")
             return "lost"
         run = dataclasses.replace(run, attempt=run.attempt + 1, first_step_id=None)
+
+
+async def _abandoned_or_stop(env: RunEnv, log: FilteringBoundLogger) -> bool:
+    """Before a retry, wait for the last attempt's abandoned steps (a plain
+    function still in its thread) to end: the next attempt must not execute
+    alongside them. True if a drain began meanwhile."""
+    work = runtime.current()
+    if work is None or not work.busy():
+        return False
+    log.info("retry_waiting", reason="an abandoned step of the last attempt still runs")
+    idle = asyncio.ensure_future(work.wait_idle())
+    stop = asyncio.ensure_future(env.stopping.wait())
+    try:
+        await asyncio.wait({idle, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_and_wait([idle, stop])
+    return env.stopping.is_set()
 
 
 async def _attempt(

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.types.json import Jsonb
 
+from syncworker import runtime
 from syncworker.config import CommandStep, ConfigError, JobConfig, SqlStep, StepSpec
 from syncworker.context import SyncContext
 from syncworker.counters import COUNTERS
@@ -56,19 +57,29 @@ class Step:
     run: StepFn
 
 
-def resolve_job_steps(job_name: str, job: JobConfig, source: str) -> list[Step]:
-    """Import and wrap every step of a job; a ConfigError names the bad one."""
+def resolve_job_steps(
+    job_name: str, job: JobConfig, source: str, database_url: str = ""
+) -> list[Step]:
+    """Import and wrap every step of a job; a ConfigError names the bad one.
+
+    `database_url` is what an `isolation = "process"` step's child connects to."""
     return [
-        _resolve(spec, source, f"jobs.{job_name}.steps[{i}]") for i, spec in enumerate(job.steps)
+        _resolve(spec, source, f"jobs.{job_name}.steps[{i}]", job.isolation, database_url)
+        for i, spec in enumerate(job.steps)
     ]
 
 
-def _resolve(spec: StepSpec, source: str, key: str) -> Step:
+def _resolve(spec: StepSpec, source: str, key: str, isolation: str, database_url: str) -> Step:
     if isinstance(spec, CommandStep):
         return Step(name=" ".join(spec.command)[:200], run=_command_step(spec))
     if isinstance(spec, SqlStep):
         return Step(name="sql: " + " ".join(spec.sql.split())[:195], run=_sql_step(spec))
-    return Step(name=spec, run=_callable_step(import_callable(spec, source, key)))
+    fn = import_callable(spec, source, key)
+    if isolation == "process":
+        from syncworker.isolation import process_step  # it builds on this module
+
+        return Step(name=spec, run=process_step(spec, database_url))
+    return Step(name=spec, run=_callable_step(fn, spec))
 
 
 def import_callable(spec: str, source: str, key: str) -> Callable[..., Any]:
@@ -90,20 +101,115 @@ def import_callable(spec: str, source: str, key: str) -> Callable[..., Any]:
     return target  # type: ignore[no-any-return]
 
 
-def _callable_step(fn: Callable[..., Any]) -> StepFn:
+def _callable_step(fn: Callable[..., Any], name: str) -> StepFn:
     if inspect.iscoroutinefunction(fn):
 
         async def run_async(ctx: SyncContext) -> None:
-            await fn(ctx)
+            await _run_as_task(fn, ctx, name)
 
         return run_async
 
     async def run_sync(ctx: SyncContext) -> None:
-        result = await run_in_daemon_thread(fn, ctx)
+        result = await _run_in_thread(fn, ctx, name)
         if inspect.isawaitable(result):
-            await result
+            await _run_as_task(lambda _: result, ctx, name)
 
     return run_sync
+
+
+def _exit_failure(exc: SystemExit) -> StepFailed:
+    # A step's sys.exit() ends the step, never the worker it runs in.
+    return StepFailed(f"the step called sys.exit({exc.code!r})")
+
+
+async def _run_as_task(fn: Callable[[SyncContext], Any], ctx: SyncContext, name: str) -> None:
+    """Run an async step as a task of its own, so that one which swallows
+    CancelledError can be abandoned after CANCEL_GRACE: its run's task then
+    ends (the run is requeued or failed) while the step's task, still on the
+    loop, keeps its slot and tells the worker (runtime.RunWork.on_abandon)."""
+
+    async def guarded() -> None:
+        try:
+            await fn(ctx)
+        except SystemExit as exc:
+            raise _exit_failure(exc) from None
+
+    inner = asyncio.ensure_future(guarded())
+    try:
+        await asyncio.wait({inner})
+    except asyncio.CancelledError:
+        inner.cancel()
+        await _grace(inner)
+        if inner.done():
+            _consume(inner)
+        else:
+            _abandon(ctx, name, "task", _ended_of(inner))
+        raise
+    inner.result()
+
+
+async def _grace(inner: asyncio.Future[Any]) -> None:
+    """Wait up to CANCEL_GRACE for a cancelled step's task to end. Further
+    cancellations do not cut it short: cancel_and_wait() repeats its cancel
+    every half second, and the grace is what makes a step's cleanup possible."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + runtime.CANCEL_GRACE
+    while not inner.done() and loop.time() < deadline:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({inner}, timeout=deadline - loop.time())
+
+
+def _ended_of(task: asyncio.Future[Any]) -> asyncio.Future[None]:
+    ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def done(t: asyncio.Future[Any]) -> None:
+        _consume(t)
+        if not ended.done():
+            ended.set_result(None)
+
+    task.add_done_callback(done)
+    return ended
+
+
+def _abandon(ctx: SyncContext, name: str, kind: str, ended: asyncio.Future[None]) -> None:
+    work = runtime.current()
+    reason = work.reason if work is not None else "cancelled"
+    ctx.log.warning(
+        "step_abandoned",
+        reason=reason,
+        runtime=kind,
+        detail=(
+            "its thread cannot be interrupted: the slot stays taken until it ends"
+            if kind == "thread"
+            else f"it did not end within {runtime.CANCEL_GRACE:g} s of its cancellation"
+        ),
+    )
+    loop = asyncio.get_running_loop()
+    since = loop.time()
+
+    def ended_now(_: asyncio.Future[None]) -> None:
+        ctx.log.info(
+            "abandoned_step_ended",
+            runtime=kind,
+            seconds_after=round(loop.time() - since, 3),
+        )
+
+    ended.add_done_callback(ended_now)
+    if work is not None:
+        work.abandon(name, kind, ended)
+
+
+async def _run_in_thread(fn: Callable[..., T], ctx: SyncContext, name: str) -> T:
+    """A plain function in a daemon thread; if its await is cancelled the
+    thread cannot be, so it is abandoned and holds the run's slot until it
+    really ends."""
+    result, ended = _start_daemon_thread(fn, ctx)
+    try:
+        return await result
+    except asyncio.CancelledError:
+        if not ended.done():
+            _abandon(ctx, name, "thread", ended)
+        raise
 
 
 async def run_in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -113,8 +219,17 @@ async def run_in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
     a step stuck in a blocking call would hold a drained worker open. A
     daemon thread is abandoned at exit, and a cancelled await returns at once.
     """
+    result, _ = _start_daemon_thread(fn, *args)
+    return await result
+
+
+def _start_daemon_thread(
+    fn: Callable[..., T], *args: Any
+) -> tuple[asyncio.Future[T], asyncio.Future[None]]:
+    """Start `fn` in a daemon thread: (its result, set when the thread ends)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
+    ended: asyncio.Future[None] = loop.create_future()
 
     def settle(ok: bool, value: Any) -> None:
         if not future.done():
@@ -122,17 +237,21 @@ async def run_in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+        if not ended.done():
+            ended.set_result(None)
 
     def target() -> None:
         try:
             outcome: tuple[bool, Any] = (True, fn(*args))
+        except SystemExit as exc:
+            outcome = (False, _exit_failure(exc))
         except BaseException as exc:
             outcome = (False, exc)
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(settle, *outcome)
 
     threading.Thread(target=target, name=f"syncworker-step-{fn.__name__}", daemon=True).start()
-    return await future
+    return future, ended
 
 
 def _sql_step(spec: SqlStep) -> StepFn:

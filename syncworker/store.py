@@ -30,6 +30,8 @@ RUN_COLUMNS = (
     "current_step, records_total, records_processed, records_inserted, records_updated, "
     "records_deleted, records_errored, error"
 )
+# What a role granted every column of runs but payload may select (sql/007).
+RUN_COLUMNS_NO_PAYLOAD = RUN_COLUMNS.replace("payload, ", "")
 
 
 @dataclass(frozen=True)
@@ -106,27 +108,24 @@ class Store:
         self._s = s
         q = self._compose
         self.q_trigger = q("SELECT run_id, created FROM {s}.trigger(%s, %s, %s, %s, %s, %s)")
-        # The same, within a lock budget (see _LOCK_BUDGET).
-        self.q_trigger_budgeted = q(
-            _LOCK_BUDGET.format("%s") + " SELECT t.run_id, t.created FROM budget,"
-            " LATERAL {s}.trigger(%s || left(budget.v, 0), %s, %s, %s, %s, %s) AS t"
-        )
+        # The same, within a lock budget (see _LOCK_BUDGET_HEAD).
+        self.q_trigger_budgeted = q(_TRIGGER_BUDGETED)
         self.q_claim = q(_CLAIM)
-        self.q_trigger_and_claim = q(
-            _LOCK_BUDGET.format("%(lock_timeout)s")
-            + " SELECT t.run_id, t.created, t.step_id, t.max_attempts FROM budget,"
-            " LATERAL {s}.trigger_and_claim(%(me)s || left(budget.v, 0), %(first)s, %(events)s,"
-            " %(job)s, %(scope)s, %(source)s, %(by)s, %(payload)s) AS t"
-        )
+        self.q_trigger_and_claim = q(_TRIGGER_AND_CLAIM)
         self.q_finish = q(_FINISH)
         self.q_requeue = q(_REQUEUE)
         self.q_next_attempt = q(_NEXT_ATTEMPT)
         self.q_progress = q(_PROGRESS)
         self.q_step_start = q(_STEP_START)
         self.q_step_finish = q(_STEP_FINISH)
+        # A fire is claimed only once due by the database's clock (with a
+        # second for the worker's reading of it, dbclock.py): a worker whose
+        # clock runs ahead can neither take fires early nor move
+        # last_fire_at past now, which would hold every fire back.
         claim_fire = (
             "UPDATE {s}.jobs SET last_fire_at = %(fire)s"
             " WHERE name = %(job)s AND (last_fire_at IS NULL OR last_fire_at < %(fire)s)"
+            " AND %(fire)s <= now() + interval '1 second'"
             " RETURNING name"
         )
         self.q_claim_fire = q(claim_fire)
@@ -143,10 +142,15 @@ class Store:
         self.q_claim_reserved = q(_CLAIM_RESERVED)
         self.q_release_reserved = q(_RELEASE_RESERVED)
         self.q_offer = q(
-            "UPDATE {s}.workers SET concurrency = %(concurrency)s, first_steps = %(first)s"
-            " WHERE id = %(id)s"
+            "UPDATE {s}.workers SET concurrency = %(concurrency)s, first_steps = %(first)s,"
+            " reserve_by_id = %(by_id)s WHERE id = %(id)s"
         )
+        self.q_run = q("SELECT " + RUN_COLUMNS + _ONE_RUN)
+        self.q_run_no_payload = q("SELECT " + RUN_COLUMNS_NO_PAYLOAD + _ONE_RUN)
+        self.q_recent_runs = q("SELECT " + RUN_COLUMNS + _RECENT_RUNS)
+        self.q_recent_runs_no_payload = q("SELECT " + RUN_COLUMNS_NO_PAYLOAD + _RECENT_RUNS)
         self.q_prune = q(_PRUNE)
+        self.q_payload_privilege = q(_PAYLOAD_PRIVILEGE)
 
     def _compose(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(s=self._s)
@@ -278,7 +282,7 @@ class Store:
         lock_timeout: str | None = None,
     ) -> list[tuple[int, bool]]:
         """trigger(); with `lock_timeout`, it raises LockNotAvailable rather
-        than wait longer than that for a lock (see _LOCK_BUDGET)."""
+        than wait longer than that for a lock (see _LOCK_BUDGET_HEAD)."""
         args: tuple[Any, ...] = (
             job,
             scope,
@@ -312,7 +316,7 @@ class Store:
         start, as claim() would write it (sql/006); otherwise plain trigger().
         Returns each run's id, whether it was created, and the run claimed
         for this worker, if any. A `lock_timeout` bounds its lock waits
-        (see _LOCK_BUDGET)."""
+        (see _LOCK_BUDGET_HEAD)."""
         cur = await conn.execute(
             self.q_trigger_and_claim,
             {
@@ -585,12 +589,21 @@ class Store:
         worker_id: str,
         concurrency: int,
         first_steps: Mapping[str, str],
+        *,
+        reserve_by_id: bool = False,
     ) -> None:
         """Tell trigger() what this worker takes reservations for: its slots
-        and each enabled job's first step."""
+        and each enabled job's first step. `reserve_by_id`: it claims a
+        reservation from the run's row, reading only the run's id off the
+        wake (sql/007); trigger() reserves for no other worker."""
         await conn.execute(
             self.q_offer,
-            {"id": worker_id, "concurrency": concurrency, "first": Jsonb(dict(first_steps))},
+            {
+                "id": worker_id,
+                "concurrency": concurrency,
+                "first": Jsonb(dict(first_steps)),
+                "by_id": reserve_by_id,
+            },
         )
 
     def _fence(self, run: ClaimedRun) -> dict[str, Any]:
@@ -708,17 +721,34 @@ class Store:
         return int(row[0]) if row is not None else 0
 
     async def prune_history(
-        self, conn: psycopg.AsyncConnection[Any], days: float, batch: int
+        self, conn: psycopg.AsyncConnection[Any], days: float, after: int, until: int
     ) -> int:
-        """Delete up to `batch` finished runs older than `days`; returns how many."""
-        cur = await conn.execute(self.q_prune, {"days": days, "batch": batch})
+        """Delete the finished runs older than `days` whose id is in
+        (`after`, `until`], but the newest of each key; returns how many."""
+        cur = await conn.execute(self.q_prune, {"days": days, "after": after, "until": until})
         return cur.rowcount
 
+    async def max_run_id(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        cur = await conn.execute(self._compose("SELECT coalesce(max(id), 0) FROM {s}.runs"))
+        row = await cur.fetchone()
+        return int(row[0]) if row is not None else 0
+
     # -- reading -----------------------------------------------------------------
+
+    async def may_read_payload(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Whether this role may select runs.payload (sql/007: the app role
+        may not, and reads payloads per scope from run_payloads). True when
+        there is no runs table: the read that follows says so."""
+        cur = await conn.execute(self.q_payload_privilege, (self.schema,))
+        row = await cur.fetchone()
+        return row is None or bool(row[0])
 
     async def read_status(
         self, conn: psycopg.AsyncConnection[Any], *, limit: int, job: str | None
     ) -> dict[str, Any]:
+        """Workers, jobs, recent runs and a summary. The runs have no
+        `payload` key when this role may not read it."""
+        payload = await self.may_read_payload(conn)
         async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 self._compose(
@@ -744,10 +774,7 @@ class Store:
             )
             jobs = await cur.fetchall()
             await cur.execute(
-                self._compose(
-                    "SELECT " + RUN_COLUMNS + " FROM {s}.runs"
-                    " WHERE %(job)s::text IS NULL OR job = %(job)s ORDER BY id DESC LIMIT %(limit)s"
-                ),
+                self.q_recent_runs if payload else self.q_recent_runs_no_payload,
                 {"job": job, "limit": limit},
             )
             runs = await cur.fetchall()
@@ -767,14 +794,27 @@ class Store:
         return {"workers": workers, "jobs": jobs, "runs": runs, "summary": summary or {}}
 
     async def read_run(
-        self, conn: psycopg.AsyncConnection[Any], run_id: int
+        self, conn: psycopg.AsyncConnection[Any], run_id: int, *, payload: bool | None = None
     ) -> dict[str, Any] | None:
+        """One run's row; without `payload` when this role may not read it
+        (asked of the database unless `payload` says)."""
+        if payload is None:
+            payload = await self.may_read_payload(conn)
         async with conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                self._compose("SELECT " + RUN_COLUMNS + " FROM {s}.runs WHERE id = %s"), (run_id,)
-            )
+            await cur.execute(self.q_run if payload else self.q_run_no_payload, (run_id,))
             return await cur.fetchone()
 
+
+_ONE_RUN = " FROM {s}.runs WHERE id = %s"
+_RECENT_RUNS = (
+    " FROM {s}.runs WHERE %(job)s::text IS NULL OR job = %(job)s ORDER BY id DESC LIMIT %(limit)s"
+)
+
+_PAYLOAD_PRIVILEGE = """
+SELECT has_column_privilege(c.oid, 'payload', 'SELECT')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND c.relname = 'runs'
+"""
 
 _REGISTER_JOB = """
 INSERT INTO {s}.jobs AS j (name, enabled, schedule, timezone, scopes, scopes_sql, on_overlap,
@@ -801,20 +841,31 @@ ON CONFLICT (name) DO UPDATE SET
     updated_at = now()
 """
 
-# pg_notify() in RETURNING publishes the run event in the same statement, and
-# so in the same transaction, as the status change it reports.
-# A statement that brings its own lock_timeout, for the listener's enqueues:
-# an app transaction holding a key (its trigger() left uncommitted) must not
-# stall the session every notification comes through. set_config(..., true)
+# _LOCK_BUDGET_*: a statement that brings its own lock_timeout, for the
+# listener's enqueues: an app transaction holding a key (its trigger() left
+# uncommitted) must not stall the session every notification comes through. set_config(..., true)
 # lasts for the current transaction: in autocommit, this statement alone. The
 # MATERIALIZED CTE is evaluated once, and the call takes an argument from it
 # (an empty string), so the setting is in place before the call runs. None
 # keeps the session's own setting.
-_LOCK_BUDGET = (
-    "WITH budget AS MATERIALIZED (SELECT set_config('lock_timeout',"
-    " coalesce({}::text, current_setting('lock_timeout')), true) AS v)"
+_LOCK_BUDGET_HEAD = "WITH budget AS MATERIALIZED (SELECT set_config('lock_timeout', coalesce("
+_LOCK_BUDGET_TAIL = "::text, current_setting('lock_timeout')), true) AS v)"
+
+_TRIGGER_BUDGETED = (
+    _LOCK_BUDGET_HEAD + "%s" + _LOCK_BUDGET_TAIL + " SELECT t.run_id, t.created FROM budget,"
+    " LATERAL {s}.trigger(%s || left(budget.v, 0), %s, %s, %s, %s, %s) AS t"
+)
+_TRIGGER_AND_CLAIM = (
+    _LOCK_BUDGET_HEAD
+    + "%(lock_timeout)s"
+    + _LOCK_BUDGET_TAIL
+    + " SELECT t.run_id, t.created, t.step_id, t.max_attempts FROM budget,"
+    " LATERAL {s}.trigger_and_claim(%(me)s || left(budget.v, 0), %(first)s, %(events)s,"
+    " %(job)s, %(scope)s, %(source)s, %(by)s, %(payload)s) AS t"
 )
 
+# pg_notify() in RETURNING publishes the run event in the same statement, and
+# so in the same transaction, as the status change it reports.
 _EVENT = (
     "pg_notify(%(events)s, json_build_object('event', {event}, 'run_id', r.id, 'job', r.job,"
     " 'scope', r.scope, 'status', r.status)::text)"
@@ -975,6 +1026,8 @@ _GONE = """(w.id IS NULL
                    OR NOT EXISTS (
                        SELECT 1 FROM pg_locks l
                        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                         AND l.database = (SELECT oid FROM pg_database
+                                           WHERE datname = current_database())
                          AND l.classid = %(ns)s::bigint::oid
                          AND l.objid = w.lock_key::bigint::oid)))"""
 
@@ -1087,19 +1140,24 @@ WITH freed AS (
 SELECT count(pg_notify(%(wake)s, job)) FROM freed
 """
 
-# Small batches under SKIP LOCKED, so pruning never holds many locks or waits
-# on another instance doing the same. The newest run of each key is kept
-# however old, so `status` and the metrics still show every key's last result.
+# One window of ids (pruning.py), under SKIP LOCKED, so pruning never holds
+# many locks or waits on another instance doing the same. The newest run of
+# each key is kept however old, so `status` and the metrics still show every
+# key's last result. The test for a newer run is split on scope being NULL:
+# `IS NOT DISTINCT FROM` cannot use runs_by_job (job, scope, id DESC), and
+# without the index each test read every run of the job.
 _PRUNE = """
 WITH old AS (
     SELECT r.id FROM {s}.runs r
-    WHERE r.status IN ('succeeded', 'failed', 'cancelled', 'skipped')
+    WHERE r.id > %(after)s AND r.id <= %(until)s
+      AND r.status IN ('succeeded', 'failed', 'cancelled', 'skipped')
       AND r.finished_at < now() - make_interval(secs => %(days)s * 86400)
-      AND EXISTS (
-          SELECT 1 FROM {s}.runs n
-          WHERE n.job = r.job AND n.scope IS NOT DISTINCT FROM r.scope AND n.id > r.id)
-    ORDER BY r.id
-    LIMIT %(batch)s
+      AND (r.scope IS NULL AND EXISTS (
+               SELECT 1 FROM {s}.runs n
+               WHERE n.job = r.job AND n.scope IS NULL AND n.id > r.id)
+           OR r.scope IS NOT NULL AND EXISTS (
+               SELECT 1 FROM {s}.runs n
+               WHERE n.job = r.job AND n.scope = r.scope AND n.id > r.id))
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM {s}.runs AS r USING old WHERE r.id = old.id

@@ -25,14 +25,17 @@ from psycopg.pq import ConnStatus
 from psycopg_pool import AsyncConnectionPool
 from structlog.typing import FilteringBoundLogger
 
-from syncworker import reserved, schedule, systemd
+from syncworker import reserved, runtime, schedule, systemd
 from syncworker.aio import cancel_and_wait, wait_event
 from syncworker.config import ConfigError, JobConfig, Settings
+from syncworker.dbclock import DbClock
+from syncworker.exits import EX_SOFTWARE
 from syncworker.http import start_http, worker_routes
 from syncworker.listener import KEEPALIVES, MAX_BACKOFF, listen_forever
 from syncworker.logs import make_logger
 from syncworker.metrics import Metrics
 from syncworker.orchestrator import RunEnv, execute_run
+from syncworker.pruning import prune_pass
 from syncworker.reload import plan_reload
 from syncworker.steps import Step, resolve_job_steps
 from syncworker.store import ClaimedRun, Store, fetch_scopes
@@ -47,7 +50,6 @@ SCHEDULER_MAX_SLEEP = 300.0
 STALE_HEARTBEATS = 3
 RECONNECT_ATTEMPT = 10.0
 PRUNE_EVERY = 3600.0
-PRUNE_BATCH = 500
 # A pooled connection that completed its work less than this long ago, with
 # no outage seen since, is handed out without the pool's check: a round trip
 # that cost as much again as the claim it preceded. One that died within the
@@ -82,14 +84,15 @@ class Worker:
         self.settings = settings
         self._load = load
         self.log = log or make_logger(settings.log_level, settings.log_format)
-        self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.id = f"w-{secrets.token_hex(6)}"  # opaque: runs.worker_id is read by apps
         self.log = self.log.bind(worker_id=self.id)
         self.store = Store(settings.schema, settings.events_channel)
         self.metrics = Metrics(VERSION, self.id, settings.jobs)
         self._config_source = config_source
         # Resolving imports every step now: a bad step is a config error at start.
         self._steps: dict[str, list[Step]] = {
-            name: resolve_job_steps(name, job, config_source) for name, job in settings.jobs.items()
+            name: resolve_job_steps(name, job, config_source, settings.database_url)
+            for name, job in settings.jobs.items()
         }
         self._jobs: Mapping[str, JobConfig] = settings.jobs
         self._scopes: dict[str, tuple[str, ...] | None] = {
@@ -107,6 +110,16 @@ class Worker:
         self._ready = asyncio.Event()
         self._runs: dict[int, asyncio.Task[str]] = {}
         self._envs: dict[int, RunEnv] = {}
+        # Each run's step work beyond its task (runtime.py); a run whose task
+        # ended with steps abandoned but still running stays in _lingering,
+        # holding its slot, until they end.
+        self._work: dict[int, runtime.RunWork] = {}
+        self._lingering: dict[int, runtime.RunWork] = {}
+        # What the process should exit with: 70 once the worker stopped by
+        # itself (an async step it could not cancel), never 0 then.
+        self.exit_code = 0
+        self._drain_deadline: float | None = None
+        self._said_abandoned = False
         # Set when the liveness session was re-established: the next beat
         # checks at once which runs are still ours.
         self._recheck = False
@@ -124,6 +137,7 @@ class Worker:
         self._reload = asyncio.Event()
         self._reload_with: Settings | None = None
         self._next_fires: dict[str, datetime | None] = {}
+        self._clock = DbClock(self.log)
         # Fire-and-forget writes (releasing a reservation): held so that
         # asyncio does not collect them mid-flight.
         self._background: set[asyncio.Task[Any]] = set()
@@ -398,7 +412,9 @@ class Worker:
         """A run could start here now: not stopping, and a slot free counting
         the claim in flight and the starts and reservations being decided."""
         claiming = self._claiming is not None and not self._claiming.done()
-        taken = len(self._runs) + len(self._deciding) + claiming + self._starting
+        taken = (
+            len(self._runs) + len(self._lingering) + len(self._deciding) + claiming + self._starting
+        )
         return not self._stopping.is_set() and taken < self.settings.concurrency
 
     def _take_reservation(self, run_id: int) -> None:
@@ -445,7 +461,11 @@ class Worker:
     async def _offer(self, conn: psycopg.AsyncConnection[Any]) -> None:
         first = {job: steps[0].name for job, steps in self._steps.items() if steps}
         enabled = {job: step for job, step in first.items() if job in self._claimable}
-        await self.store.offer(conn, self.id, self.settings.concurrency, enabled)
+        # We claim a reservation from its row and read nothing else off its
+        # wake (reserved.py), so trigger() may reserve for us (sql/007).
+        await self.store.offer(
+            conn, self.id, self.settings.concurrency, enabled, reserve_by_id=True
+        )
 
     async def _enqueue(
         self,
@@ -577,8 +597,11 @@ class Worker:
             await wait_event(self._reschedule, delay)
 
     async def _schedule_pass(self) -> float:
-        """Enqueue every due fire; returns seconds until the next one."""
-        now = datetime.now(UTC)
+        """Enqueue every due fire; returns seconds until the next one. Times
+        are the database's (dbclock.py): every worker decides by one clock."""
+        async with self._connect() as conn:
+            await self._clock.read(conn)
+        now = self._clock.now()
         upcoming: dict[str, datetime | None] = {}
         for name, job in self._jobs.items():
             if not job.enabled or not job.schedule:
@@ -598,7 +621,7 @@ class Worker:
         soonest = min((t for t in upcoming.values() if t is not None), default=None)
         if soonest is None:
             return SCHEDULER_MAX_SLEEP
-        seconds = (soonest - datetime.now(UTC)).total_seconds()
+        seconds = (soonest - self._clock.now()).total_seconds()
         return min(max(seconds, 0.0), SCHEDULER_MAX_SLEEP)
 
     async def _fire(
@@ -673,7 +696,7 @@ class Worker:
             await self._wake.wait()
             self._wake.clear()
             await self._db_up.wait()
-            while len(self._runs) + len(self._deciding) + self._starting < (
+            while len(self._runs) + len(self._lingering) + len(self._deciding) + self._starting < (
                 self.settings.concurrency
             ):
                 # Shielded: a stop arriving between the claim's commit and the
@@ -706,8 +729,11 @@ class Worker:
             stopping=self._stopping,
             via=via,
         )
+        work = self._run_work(run)
         task = asyncio.create_task(
-            execute_run(run, self._jobs[run.job], steps, env), name=f"run-{run.id}"
+            execute_run(run, self._jobs[run.job], steps, env),
+            name=f"run-{run.id}",
+            context=runtime.context_for(work),
         )
         self._runs[run.id] = task
         self._envs[run.id] = env
@@ -719,6 +745,10 @@ class Worker:
         def done(t: asyncio.Task[str]) -> None:
             self._runs.pop(run.id, None)
             self._envs.pop(run.id, None)
+            if work.busy():
+                self._lingering[run.id] = work  # its slot is freed by on_idle
+            else:
+                self._work.pop(run.id, None)
             self._state_changed.set()
             self._wake.set()  # a slot is free, and a follow-up of this key may wait
             self.metrics.run_finished(run.job, _outcome(t, env), loop.time() - claimed)
@@ -729,32 +759,109 @@ class Worker:
 
     async def _drain(self) -> None:
         """Wait for in-flight runs up to drain_timeout (or a second signal), then
-        cancel the rest; each cancelled run puts itself back to pending."""
+        cancel the rest; each cancelled run puts itself back to pending. Steps
+        abandoned meanwhile are waited for until the same deadline."""
+        if self._drain_deadline is None:  # once: run() drains again on its way out
+            self._drain_deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout
+        deadline = self._drain_deadline
         tasks = set(self._runs.values())
-        if not tasks:
+        if tasks:
+            gathered: asyncio.Future[Any] = asyncio.gather(*tasks, return_exceptions=True)
+            await self._until_forced({gathered}, deadline)
+            leftover = [t for t in tasks if not t.done()]
+            if leftover:
+                self.log.warning("drain_cancelling", runs=sorted(self._runs))
+                reason = "second signal" if self._force.is_set() else "drain timeout"
+                for run_id in list(self._runs):
+                    if run_id in self._work:
+                        self._work[run_id].reason = reason
+                await cancel_and_wait(leftover)
+            await gathered
+        await self._drain_abandoned(deadline)
+
+    async def _until_forced(self, futures: set[asyncio.Future[Any]], deadline: float) -> None:
+        """Wait for all of `futures` until `deadline` or a second signal."""
+        if not futures or self._force.is_set():
             return
-        gathered: asyncio.Future[Any] = asyncio.gather(*tasks, return_exceptions=True)
+        together: asyncio.Future[Any] = asyncio.gather(*futures, return_exceptions=True)
         force: asyncio.Future[Any] = asyncio.create_task(self._force.wait())
         try:
             await asyncio.wait(
-                {gathered, force},
-                timeout=self.settings.drain_timeout,
+                {together, force},
+                timeout=max(0.0, deadline - asyncio.get_running_loop().time()),
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             force.cancel()
-        leftover = [t for t in tasks if not t.done()]
-        if leftover:
-            self.log.warning("drain_cancelling", runs=sorted(self._runs))
-            await cancel_and_wait(leftover)
-        await gathered
+
+    async def _drain_abandoned(self, deadline: float) -> None:
+        """Give abandoned steps until the drain's deadline to end; then say
+        which still run. The process exit ends their threads; a task of ours
+        still running makes the exit non-zero (cli.py exits without waiting)."""
+        left = self.abandoned()
+        await self._until_forced({a.ended for a in left}, deadline)
+        left = self.abandoned()
+        if not left or self._said_abandoned:
+            return
+        self._said_abandoned = True
+        self.log.warning("drain_abandoned", steps=[a.describe() for a in left])
+        if self.stuck_tasks():
+            self.exit_code = EX_SOFTWARE
+
+    def abandoned(self) -> list[runtime.Leftover]:
+        """Step work given up on but still running, of every run."""
+        return [left for work in self._work.values() for left in work.leftovers]
+
+    def stuck_tasks(self) -> list[runtime.Leftover]:
+        """Abandoned async steps still on this worker's loop."""
+        return [left for left in self.abandoned() if left.kind == "task"]
+
+    def _run_work(self, run: ClaimedRun) -> runtime.RunWork:
+        work = runtime.RunWork(run.id, run.job)
+
+        def on_abandon(left: runtime.Leftover) -> None:
+            if left.kind != "task":
+                return
+            # An async step that ignores its cancellation holds the loop's
+            # time and its slot for as long as it likes: a restart is the
+            # only way to be rid of it, so the worker drains and exits 70
+            # for its supervisor to start it again.
+            self.exit_code = EX_SOFTWARE
+            if not self._stopping.is_set():
+                self.log.error(
+                    "worker_restart_needed",
+                    reason="an async step did not end after its cancellation",
+                    **left.describe(),
+                )
+                self.stop()
+
+        def on_idle() -> None:
+            if self._lingering.pop(run.id, None) is not None:
+                self._work.pop(run.id, None)
+                self._state_changed.set()
+                self._wake.set()  # its slot is free now
+
+        work.on_abandon = on_abandon
+        work.on_idle = on_idle
+        self._work[run.id] = work
+        return work
+
+    def _cancel_run(self, run_id: int, reason: str) -> None:
+        """Cancel a run's task, and kill its steps' child processes at once:
+        the run is not ours to execute any more."""
+        task, work = self._runs.get(run_id), self._work.get(run_id)
+        if work is not None:
+            work.reason = reason
+            work.kill()
+        if task is not None:
+            task.cancel()
 
     # -- liveness -------------------------------------------------------------------
 
     def _state(self) -> str:
         if self._stopping.is_set():
             return "draining"
-        return "running" if self._runs else "idle"
+        return "running" if self._runs or self._lingering else "idle"
 
     async def _heartbeat(self) -> None:
         """Beat every heartbeat_interval on a fixed deadline, and write state
@@ -816,7 +923,7 @@ class Worker:
                 continue
             self.log.warning("run_fenced", run_id=run_id, reason="no longer owned by this worker")
             env.lost.set()
-            task.cancel()
+            self._cancel_run(run_id, "fenced")
 
     def _peer_grace(self) -> float:
         """How long a live worker may need to take its lock and beat again
@@ -909,7 +1016,7 @@ class Worker:
             plan = plan_reload(self.settings, given)
             # Every step is imported before anything changes: all or nothing.
             steps = {
-                name: resolve_job_steps(name, job, source)
+                name: resolve_job_steps(name, job, source, plan.settings.database_url)
                 for name, job in plan.settings.jobs.items()
             }
         except ConfigError as exc:
@@ -961,22 +1068,16 @@ class Worker:
         self._state_changed.set()
 
     async def _prune_history(self) -> None:
-        """Delete finished runs older than history_days, a small batch at a time,
-        at start and then hourly; a timer, since age is all that decides it."""
+        """Delete finished runs older than history_days (pruning.py), at start
+        and then hourly; a timer, since age is all that decides it."""
         while True:
             await self._db_up.wait()
             days = self.settings.history_days
             if days > 0:
-                deleted = 0
                 try:
-                    while True:
-                        async with self._connect() as conn:
-                            n = await self.store.prune_history(conn, days, PRUNE_BATCH)
-                        deleted += n
-                        if n < PRUNE_BATCH:
-                            break
-                        await asyncio.sleep(0)  # let triggers and claims in between
-                except psycopg.OperationalError as exc:
+                    deleted = await prune_pass(self.store, self._connect, self.log, days)
+                except psycopg.Error as exc:
+                    deleted = 0
                     self.log.warning("history_prune_failed", error=str(exc).strip()[:200])
                 if deleted:
                     self.log.info("history_pruned", deleted=deleted, older_than_days=days)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -68,7 +69,9 @@ def test_notify_from_another_connection_runs_every_scope(database_url, tmp_path,
         # record counts 10 processed (3 + 7); the plain step adds 1.
         assert run["records_processed"] == 11
         assert run["duration_ms"] is not None and run["started_at"] and run["finished_at"]
-        assert run["worker_id"].endswith(daemon.events("worker_started")[0]["worker_id"][-6:])
+        # Opaque (sql/007): the id the worker logs, no hostname or pid in it.
+        assert run["worker_id"] == daemon.events("worker_started")[0]["worker_id"]
+        assert re.fullmatch(r"w-[0-9a-f]{12}", run["worker_id"]), run["worker_id"]
     steps = query(
         database_url,
         "SELECT name, status, records_processed FROM syncworker.run_steps"

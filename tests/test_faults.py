@@ -235,7 +235,9 @@ def test_listen_session_terminated(server, tmp_path, daemons):
         url,
         "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
         " JOIN syncworker.workers w ON l.objid = w.lock_key::bigint::oid"
-        " WHERE l.locktype = 'advisory' AND l.granted AND w.pid = %s",
+        " WHERE l.locktype = 'advisory' AND l.granted"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND w.pid = %s",
         (daemon.proc.pid,),
     )
     assert killed == 1
@@ -320,7 +322,9 @@ timeout = 1
 [jobs.solo]
 steps = ["sw_testjobs:record"]
 """
-    daemon = start(write_config(tmp_path / "c.toml", database_url, jobs))
+    # Two slots: the abandoned thread keeps the first until it ends (600 s).
+    config = write_config(tmp_path / "c.toml", database_url, jobs, concurrency=2, drain_timeout=1)
+    daemon = start(config)
     run_id = trigger(database_url, "stuck")
     wait_until(
         lambda: (
@@ -332,7 +336,10 @@ steps = ["sw_testjobs:record"]
         what="the stuck run timed out",
     )
     _served(database_url, "solo")
-    assert daemon.stop() == 0  # its thread is still asleep: it must not hold the exit
+    daemon.wait_for("step_abandoned", run_id=run_id, reason="timeout")
+    # Its thread is still asleep: it holds the drain only up to drain_timeout.
+    assert daemon.stop() == 0
+    daemon.wait_for("drain_abandoned")
     assert_invariants(database_url)
 
 
@@ -340,7 +347,8 @@ def test_more_blocking_steps_than_a_thread_pool_holds(database_url, tmp_path, st
     """Twelve steps stuck in their threads for good (asyncio's default pool
     has min(32, cpus + 4) threads; 6 on a 2-core machine) must not starve the
     worker: plain functions still run, and reconnecting (which resolves host
-    names on the default pool) still works."""
+    names on the default pool) still works. Each holds its slot while its
+    thread runs, so there are slots for all of them and one more."""
     scopes = [f"s{i}" for i in range(12)]
     jobs = f"""
 [jobs.jam]
@@ -351,7 +359,8 @@ timeout = 0.5
 [jobs.plain]
 steps = ["sw_testjobs:plain"]
 """.replace("'", '"')
-    daemon = start(write_config(tmp_path / "c.toml", database_url, jobs, concurrency=4))
+    config = write_config(tmp_path / "c.toml", database_url, jobs, concurrency=13, drain_timeout=1)
+    daemon = start(config)
     execute(database_url, "SELECT * FROM syncworker.trigger('jam')")
     wait_until(
         lambda: (
@@ -368,7 +377,9 @@ steps = ["sw_testjobs:plain"]
         database_url,
         "SELECT pg_terminate_backend(l.pid) FROM pg_locks l"
         " JOIN syncworker.workers w ON l.objid = w.lock_key::bigint::oid"
-        " WHERE l.locktype = 'advisory' AND l.granted AND w.pid = %s",
+        " WHERE l.locktype = 'advisory' AND l.granted"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND w.pid = %s",
         (daemon.proc.pid,),
     )
     daemon.wait_for("db_reconnected")

@@ -29,8 +29,14 @@ def worker_of(url: str, run_id: int) -> str:
     return query(url, "SELECT worker_id FROM syncworker.runs WHERE id = %s", (run_id,))[0][0]
 
 
-def daemon_of(daemons: list[Daemon], worker_id: str) -> Daemon:
-    pid = int(worker_id.split(":")[1])
+def pid_of(url: str, worker_id: str) -> int:
+    """A worker's pid, from its row: the id itself is opaque (sql/007)."""
+    [(pid,)] = query(url, "SELECT pid FROM syncworker.workers WHERE id = %s", (worker_id,))
+    return int(pid)
+
+
+def daemon_of(url: str, daemons: list[Daemon], worker_id: str) -> Daemon:
+    pid = pid_of(url, worker_id)
     [daemon] = [d for d in daemons if d.proc.pid == pid]
     return daemon
 
@@ -135,7 +141,7 @@ def _kill_the_runner(url: str, workers: list[Daemon]) -> float:
         ),
         what="the run holding",
     )
-    victim = daemon_of(workers, worker_of(url, run_id))
+    victim = daemon_of(url, workers, worker_of(url, run_id))
     [(killed_at,)] = query(url, "SELECT clock_timestamp()")
     victim.kill()
     workers.remove(victim)
@@ -212,13 +218,15 @@ def test_a_worker_that_lost_its_session_stops_working_on_the_run(
         what="A holding the run",
     )
     b = start(config)
-    assert worker_of(database_url, run_id).split(":")[1] == str(a.proc.pid)
+    assert pid_of(database_url, worker_of(database_url, run_id)) == a.proc.pid
     refuse_new_connections(True)
     # A's listener session holds its liveness lock: end that session.
     [(terminated,)] = conn.execute(
         "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
         " JOIN syncworker.workers w ON l.objid = w.lock_key::bigint::oid"
-        " WHERE l.locktype = 'advisory' AND l.granted AND w.pid = %s",
+        " WHERE l.locktype = 'advisory' AND l.granted"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND w.pid = %s",
         (a.proc.pid,),
     ).fetchall()
     assert terminated == 1
@@ -245,7 +253,7 @@ def test_a_worker_that_lost_its_session_stops_working_on_the_run(
         ),
         what="B finishing the run",
     )
-    assert worker_of(database_url, run_id).split(":")[1] == str(b.proc.pid)
+    assert pid_of(database_url, worker_of(database_url, run_id)) == b.proc.pid
     # A wrote no outcome for it, and still serves.
     assert a.events("run_succeeded", run_id=run_id) == []
     assert a.events("run_cancelled", run_id=run_id) == []

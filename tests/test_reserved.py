@@ -69,13 +69,11 @@ def _pending_run(url: str, job: str, reserved_for: str | None = None) -> int:
 
 
 def _notify_reservation(url: str, run_id: int) -> None:
-    """The notification trigger() sends with a reservation."""
+    """The notification trigger() sends with a reservation (sql/007)."""
     [(payload,)] = query(
         url,
-        "SELECT json_build_object('reserved_for', reserved_for, 'id', id, 'job', job,"
-        " 'scope', scope, 'source', source, 'triggered_by', triggered_by,"
-        " 'scheduled_for', scheduled_for, 'attempt', attempt,"
-        " 'max_attempts', max_attempts)::text FROM syncworker.runs WHERE id = %s",
+        "SELECT json_build_object('reserved_for', reserved_for, 'id', id)::text"
+        " FROM syncworker.runs WHERE id = %s",
         (run_id,),
     )
     execute(url, "SELECT pg_notify('syncworker_wake', %s)", (payload,))
@@ -183,7 +181,9 @@ def test_a_reservation_whose_notification_was_missed_is_taken_up_on_reconnect(
         database_url,
         "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
         " JOIN syncworker.workers w ON l.objid = w.lock_key::bigint::oid"
-        " WHERE l.locktype = 'advisory' AND l.granted AND w.id = %s",
+        " WHERE l.locktype = 'advisory' AND l.granted"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND w.id = %s",
         (worker_id,),
     )
     assert killed == 1

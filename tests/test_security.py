@@ -26,7 +26,9 @@ from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from syncworker.embedded import free_port
-from tests.harness import REPO, Daemon, cli, query, wait_until, write_config
+from syncworker.store import _migrations as migration_files
+from syncworker.store import lock_namespace
+from tests.harness import REPO, Daemon, cli, execute, query, wait_until, write_config
 
 JOBS = """
 [jobs.sync]
@@ -115,13 +117,20 @@ def roles(database_url: str) -> Iterator[Roles]:
         made.drop_all()
 
 
-def readme_role_sql() -> tuple[str, str]:
-    """The two SQL blocks of README's "Least-privilege roles": before and after migrate."""
+def readme_sql_blocks() -> list[str]:
+    """The SQL blocks of README's "Least-privilege roles": before migrate,
+    after it, and one tenant's payloads."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
     start = text.index("### Least-privilege roles")
     end = text.index("\n## ", start)
     blocks = re.findall(r"```sql\n(.*?)```", text[start:end], re.DOTALL)
-    assert len(blocks) >= 2, "README 'Least-privilege roles' must keep its two SQL blocks"
+    assert len(blocks) >= 3, "README 'Least-privilege roles' must keep its three SQL blocks"
+    return blocks
+
+
+def readme_role_sql() -> tuple[str, str]:
+    """README's grants before and after migrate."""
+    blocks = readme_sql_blocks()
     return blocks[0], blocks[1]
 
 
@@ -133,6 +142,7 @@ def adapt(block: str, worker: Role, app: Role, dbname: str) -> str:
         (r"\bsync_worker\b", worker.name),
         (r"\bapp_web\b", app.name),
         (r"\bDATABASE app\b", f"DATABASE {dbname}"),
+        (r"'pfa'", "'sync'"),  # README's example job, this module's scoped job
     ]
     for pattern, value in swaps:
         block = re.sub(pattern, value, block)
@@ -229,6 +239,11 @@ def test_app_role_can_trigger_and_read_but_not_write(deployment: Deployment):
             "DELETE FROM syncworker.jobs",
             "SELECT * FROM syncworker.workers",
             "SELECT * FROM syncworker.migrations",
+            # Payloads are granted per scope, through run_payloads (sql/007).
+            "SELECT * FROM syncworker.runs",
+            "SELECT payload FROM syncworker.runs",
+            "SELECT * FROM syncworker.payload_grants",
+            "INSERT INTO syncworker.payload_grants (grantee, job) VALUES (current_user, 'sync')",
             "CREATE TABLE syncworker.mine (x int)",
             "CREATE VIEW syncworker.mine AS SELECT 1",
             "CREATE FUNCTION syncworker.mine() RETURNS int LANGUAGE sql AS 'SELECT 1'",
@@ -357,6 +372,343 @@ def test_a_missing_privilege_exits_77_with_a_pointer_not_a_traceback(deployment:
         assert denied.stderr.startswith("syncworker: permission denied: "), denied.stderr
         assert "Least-privilege roles" in denied.stderr
         assert "Traceback" not in denied.stderr and deployment.app.password not in denied.stderr
+
+
+# -- 1b. what the app role reads: payloads per scope, no worker hosts (sql/007) -------
+
+RUN_EVENT_KEYS = {"event", "run_id", "job", "scope", "status"}
+PROGRESS_KEYS = RUN_EVENT_KEYS | {"step", "records_processed", "records_total"}
+WORKER_ID = re.compile(r"w-[0-9a-f]{12}")
+
+
+def _columns(url: str, table: str) -> list[str]:
+    return [
+        name
+        for (name,) in query(
+            url,
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass"
+            " AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            (table,),
+        )
+    ]
+
+
+def _may_select(url: str, role: str, table: str, columns: list[str]) -> dict[str, bool]:
+    return dict(
+        query(
+            url,
+            "SELECT c, has_column_privilege(%s, %s, c, 'SELECT') FROM unnest(%s::text[]) AS c",
+            (role, table, columns),
+        )
+    )
+
+
+def test_app_role_may_read_every_run_column_but_payload(deployment: Deployment, database_url):
+    """README's column list is every column of runs but payload: none forgotten."""
+    app = deployment.app.name
+    columns = _columns(database_url, "syncworker.runs")
+    assert {"payload", "worker_id", "reserved_for"} <= set(columns)
+    assert _may_select(database_url, app, "syncworker.runs", columns) == {
+        c: c != "payload" for c in columns
+    }
+    workers = _columns(database_url, "syncworker.workers")
+    assert not any(_may_select(database_url, app, "syncworker.workers", workers).values())
+    for table in ("syncworker.run_steps", "syncworker.jobs", "syncworker.run_payloads"):
+        assert query(
+            database_url, "SELECT has_table_privilege(%s, %s, 'SELECT')", (app, table)
+        ) == [(True,)]
+    [(grants,)] = query(
+        database_url,
+        "SELECT has_table_privilege(%s, 'syncworker.payload_grants',"
+        " 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE')",
+        (app,),
+    )
+    assert grants is False
+
+
+def test_payloads_are_read_only_for_granted_scopes(deployment: Deployment, roles: Roles):
+    with psycopg.connect(deployment.app.url, autocommit=True) as app:
+        made = {}
+        for job, scope in [("sync", "RIO"), ("sync", "HOU"), ("solo", None)]:
+            token = f"{job}-{scope}-secret"
+            [(made[job, scope], _)] = app.execute(
+                "SELECT * FROM syncworker.trigger(%s, %s, payload => %s::jsonb)",
+                (job, scope, json.dumps({"token": token})),
+            ).fetchall()
+        payloads = "SELECT run_id, job, scope, payload FROM syncworker.run_payloads ORDER BY run_id"
+        assert app.execute(payloads).fetchall() == []  # nothing granted yet
+
+        # README's third block, as the worker role: job pfa (here sync), scope RIO.
+        with psycopg.connect(deployment.worker.url, autocommit=True) as owner:
+            grant = adapt(readme_sql_blocks()[2], deployment.worker, deployment.app, roles.dbname)
+            assert deployment.app.name in grant
+            owner.execute(grant.encode())
+            # A row naming a role that does not exist matches nobody, and breaks nothing.
+            owner.execute(
+                "INSERT INTO syncworker.payload_grants (grantee, job, scope)"
+                " VALUES ('sw_no_such_role', 'sync', 'HOU')"
+            )
+        rio = (made["sync", "RIO"], "sync", "RIO", {"token": "sync-RIO-secret"})
+        assert app.execute(payloads).fetchall() == [rio]
+
+        # The grant filter runs before any condition of the caller's: a
+        # function that leaks its argument sees the granted rows only.
+        app.execute(
+            "CREATE FUNCTION pg_temp.leak(p jsonb) RETURNS boolean LANGUAGE plpgsql"
+            " COST 0.0000001 AS $$ BEGIN RAISE NOTICE 'leak: %', p; RETURN true; END $$"
+        )
+        leaked: list[str] = []
+        app.add_notice_handler(lambda notice: leaked.append(str(notice.message_primary)))
+        rows = app.execute(
+            "SELECT run_id FROM syncworker.run_payloads WHERE pg_temp.leak(payload)"
+        ).fetchall()
+        assert rows == [(rio[0],)]
+        assert leaked and all("sync-RIO-secret" in line for line in leaked), leaked
+
+        # A group role, every scope (NULL): its members inherit the grant,
+        # and an unscoped job's runs are covered by it.
+        tenant = roles.create("tenant")
+        roles.admin(
+            sql.SQL("GRANT {} TO {}").format(
+                sql.Identifier(tenant.name), sql.Identifier(deployment.app.name)
+            )
+        )
+        with psycopg.connect(deployment.worker.url, autocommit=True) as owner:
+            owner.execute(
+                "INSERT INTO syncworker.payload_grants (grantee, job, scope) VALUES (%s, 'solo', NULL)",
+                (tenant.name,),
+            )
+        solo = (made["solo", None], "solo", None, {"token": "solo-None-secret"})
+        assert app.execute(payloads).fetchall() == [rio, solo]
+        refuse(app, "SELECT payload FROM syncworker.runs")  # the table itself: still not
+
+    # The owner reads every payload, in the table.
+    owned = query(
+        deployment.worker.url, "SELECT count(*) FROM syncworker.runs WHERE payload ? 'token'"
+    )
+    assert owned == [(3,)]
+
+
+def _drain(conn: psycopg.Connection[Any], quiet: float = 1.0) -> list[psycopg.Notify]:
+    heard: list[psycopg.Notify] = []
+    while batch := list(conn.notifies(timeout=quiet)):
+        heard.extend(batch)
+    return heard
+
+
+def _assert_channels_carry_no_run_data(heard: list[psycopg.Notify], *secrets: str) -> None:
+    for notify in heard:
+        for secret in secrets:
+            assert secret not in notify.payload, (notify.channel, notify.payload)
+        if notify.channel == "syncworker_wake":
+            if notify.payload.startswith("{"):
+                assert set(json.loads(notify.payload)) == {"reserved_for", "id"}, notify.payload
+            else:
+                assert notify.payload in {"sync", "solo"}, notify.payload
+        else:
+            event = json.loads(notify.payload)
+            keys = PROGRESS_KEYS if event["event"] == "run_progress" else RUN_EVENT_KEYS
+            assert set(event) == keys, notify.payload
+
+
+def test_app_role_sees_no_worker_host_and_no_payload_on_any_channel(
+    deployment: Deployment, roles: Roles, database_url: str, start
+):
+    roles.admin(
+        sql.SQL(
+            "GRANT INSERT ON test_log TO {0}; GRANT USAGE ON SEQUENCE test_log_id_seq TO {0}"
+        ).format(sql.Identifier(deployment.worker.name))
+    )
+    daemon = start(deployment.config)
+    app_cli = ["--config", str(deployment.config), "--database-url", deployment.app.url]
+    token = f"tok-{secrets.token_hex(6)}"
+    with psycopg.connect(deployment.app.url, autocommit=True) as app:
+        app.execute("LISTEN syncworker_wake")
+        app.execute("LISTEN sync_events")
+        [(with_payload, _)] = app.execute(
+            "SELECT * FROM syncworker.trigger('sync', 'RIO', payload => %s::jsonb)",
+            (json.dumps({"token": token}),),
+        ).fetchall()
+        # trigger --wait as the app role: the runs, without the payload it may not read.
+        done = cli("trigger", "solo", "--wait", "--json", "--timeout", "60", *app_cli)
+        assert done.returncode == 0, done.stderr + daemon.log_text()
+        [run] = json.loads(done.stdout)["runs"]
+        assert run["status"] == "succeeded" and "payload" not in run
+        wait_until(
+            lambda: app.execute(
+                "SELECT 1 FROM syncworker.runs WHERE id = %s AND status = 'succeeded'",
+                (with_payload,),
+            ).fetchall(),
+            what="the run with a payload succeeded",
+        )
+        heard = _drain(app)
+
+        rows = app.execute("SELECT DISTINCT worker_id FROM syncworker.runs").fetchall()
+        refuse(app, "SELECT hostname, pid FROM syncworker.workers")
+        refuse(app, "SELECT count(*) FROM syncworker.workers")
+    [(hostname, pid)] = query(database_url, "SELECT hostname, pid FROM syncworker.workers")
+    assert [r[0] for r in rows] == [daemon.events("worker_started")[0]["worker_id"]]
+    [worker_id] = [r[0] for r in rows]
+    assert WORKER_ID.fullmatch(worker_id), worker_id
+    assert hostname not in worker_id and str(pid) not in worker_id
+    assert {n.channel for n in heard} == {"syncworker_wake", "sync_events"}
+    _assert_channels_carry_no_run_data(heard, token, hostname, f":{pid}")
+
+    # status: the workers grant README gives for a dashboard, and no payload.
+    assert cli("status", "--json", *app_cli).returncode == 77
+    roles.admin(
+        sql.SQL("GRANT SELECT ON syncworker.workers TO {}").format(
+            sql.Identifier(deployment.app.name)
+        )
+    )
+    shown = cli("status", "--json", *app_cli)
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    assert [(w["id"], w["hostname"], w["pid"]) for w in status["workers"]] == [
+        (worker_id, hostname, pid)
+    ]
+    assert status["runs"] and not any("payload" in r for r in status["runs"])
+    assert token not in shown.stdout
+    table = cli("status", *app_cli)
+    assert table.returncode == 0 and "RECENT RUNS" in table.stdout, table.stderr
+    # The worker role still sees the payloads.
+    owner = cli("status", "--json", "--config", str(deployment.config))
+    assert owner.returncode == 0 and token in owner.stdout, owner.stderr
+    assert daemon.stop() == 0
+
+
+def test_a_reservation_wake_names_only_the_worker_and_the_run(
+    deployment: Deployment, database_url: str
+):
+    """What the app role hears when trigger() reserves a run: whom for and
+    which run, none of the run's fields (a worker claims by id, sql/007)."""
+    [(lock_key,)] = query(
+        database_url,
+        "INSERT INTO syncworker.workers (id, hostname, pid, version, state, concurrency,"
+        " first_steps, reserve_by_id) VALUES ('w-0123456789ab', 'secret-host', 4242, 'v',"
+        " 'idle', 4, '{\"solo\": \"s\"}', true) RETURNING lock_key",
+    )
+    with (
+        psycopg.connect(database_url, autocommit=True) as session,
+        psycopg.connect(deployment.app.url, autocommit=True) as app,
+    ):
+        # Alive as a worker is: its session holds the liveness lock.
+        session.execute("SELECT pg_advisory_lock(%s, %s)", (lock_namespace("syncworker"), lock_key))
+        app.execute("LISTEN syncworker_wake")
+        [(reserved, _)] = app.execute(
+            "SELECT * FROM syncworker.trigger('solo', source => 'web', triggered_by => 'alice')"
+        ).fetchall()
+        app.execute("SELECT * FROM syncworker.trigger('sync')")  # two runs: not reserved
+        heard = _drain(app)
+    assert [n.payload for n in heard][1:] == ["sync"]
+    assert json.loads(heard[0].payload) == {"reserved_for": "w-0123456789ab", "id": reserved}
+    _assert_channels_carry_no_run_data(heard, "web", "alice", "secret-host", "4242")
+    assert query(
+        database_url, "SELECT reserved_for FROM syncworker.runs WHERE id = %s", (reserved,)
+    ) == [("w-0123456789ab",)]
+
+
+def _migrate_to(url: str, version: int) -> None:
+    """The schema as `migrate` of an older release left it: files up to `version`."""
+    schema, wake, ns = '"syncworker"', "'syncworker_wake'", str(lock_namespace("syncworker"))
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "CREATE SCHEMA syncworker; CREATE TABLE syncworker.migrations ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for number, text in migration_files():
+            if number > version:
+                break
+            body = text.replace("__SCHEMA__", schema).replace("__WAKE__", wake)
+            conn.execute(body.replace("__LOCK_NS__", ns).encode())
+            conn.execute("INSERT INTO syncworker.migrations (version) VALUES (%s)", (number,))
+
+
+def test_upgrade_to_version_7_takes_payloads_from_existing_readers(
+    database_url: str, roles: Roles, tmp_path: Path
+):
+    _migrate_to(database_url, 6)
+    legacy = roles.create("legacy")  # an app set up by version 6's README
+    delegate = roles.create("delegate")  # may pass its SELECT on
+    sub = roles.create("sub")  # got SELECT from delegate
+    anyone = roles.create("anyone")  # reads through PUBLIC's grant
+    names = {r: sql.Identifier(r.name) for r in (legacy, delegate, sub, anyone)}
+    roles.admin(
+        sql.SQL(
+            "GRANT USAGE ON SCHEMA syncworker TO PUBLIC;"
+            " GRANT SELECT ON syncworker.runs, syncworker.run_steps, syncworker.jobs TO {legacy};"
+            " GRANT EXECUTE ON FUNCTION {fn} TO {legacy};"
+            " GRANT SELECT ON syncworker.runs TO {delegate} WITH GRANT OPTION;"
+            " GRANT SELECT ON syncworker.runs TO PUBLIC"
+        ).format(legacy=names[legacy], delegate=names[delegate], fn=sql.SQL(TRIGGER_FN))
+    )
+    with psycopg.connect(delegate.url, autocommit=True) as conn:
+        conn.execute(sql.SQL("GRANT SELECT ON syncworker.runs TO {}").format(names[sub]))
+    # History written by workers of version 6: ids with the host and pid.
+    old = "oldhost.example:31337:a1b2c3"
+    live = "livehost.example:4242:d4e5f6"
+    execute(
+        database_url,
+        "INSERT INTO syncworker.workers (id, hostname, pid, version, state) VALUES"
+        " (%(old)s, 'oldhost.example', 31337, '6', 'stopped'),"
+        " (%(live)s, 'livehost.example', 4242, '6', 'running')",
+        {"old": old, "live": live},
+    )
+    execute(
+        database_url,
+        "INSERT INTO syncworker.runs (job, scope, status, source, payload, worker_id) VALUES"
+        " ('sync', 'RIO', 'succeeded', 'test', '{\"token\": \"t1\"}', %(old)s),"
+        " ('sync', 'HOU', 'failed', 'test', '{}', %(old)s),"
+        " ('solo', NULL, 'running', 'test', '{}', %(live)s)",
+        {"old": old, "live": live},
+    )
+
+    config = write_config(tmp_path / "c.toml", database_url, JOBS)
+    upgraded = cli("migrate", "--config", str(config))
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "migrations applied: 7;" in upgraded.stdout
+
+    columns = _columns(database_url, "syncworker.runs")
+    every_but_payload = {c: c != "payload" for c in columns}
+    for role in (legacy, delegate, sub, anyone):
+        assert _may_select(database_url, role.name, "syncworker.runs", columns) == (
+            every_but_payload
+        ), role.name
+        with psycopg.connect(role.url, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM syncworker.runs").fetchone() == (3,)
+            refuse(conn, "SELECT payload FROM syncworker.runs")
+            refuse(conn, "SELECT * FROM syncworker.runs")
+    with psycopg.connect(legacy.url, autocommit=True) as conn:  # the rest as it was
+        assert conn.execute("SELECT count(*) FROM syncworker.jobs").fetchone() == (3,)
+        assert len(conn.execute("SELECT * FROM syncworker.trigger('solo')").fetchall()) == 1
+    # The grant option kept, on the same columns.
+    [(may_pass_on,)] = query(
+        database_url,
+        "SELECT array_agg(c ORDER BY c) FROM unnest(%s::text[]) AS c"
+        " WHERE has_column_privilege(%s, 'syncworker.runs', c, 'SELECT WITH GRANT OPTION')",
+        (columns, delegate.name),
+    )
+    assert may_pass_on == sorted(c for c in columns if c != "payload")
+    [(table_acl,)] = query(
+        database_url, "SELECT relacl::text[] FROM pg_class WHERE oid = 'syncworker.runs'::regclass"
+    )
+    [(owner,)] = query(
+        database_url,
+        "SELECT relowner::regrole::text FROM pg_class WHERE oid = 'syncworker.runs'::regclass",
+    )
+    # No table-level grant left but the owner's.
+    assert [e for e in table_acl if not e.startswith(f"{owner}=")] == [], table_acl
+
+    # Finished runs and stopped workers: a pseudonym, the same one for one worker.
+    ids = query(
+        database_url,
+        "SELECT status, worker_id FROM syncworker.runs WHERE source = 'test' ORDER BY id",
+    )
+    [(_, rio), (_, hou), (_, running)] = ids
+    assert rio == hou and WORKER_ID.fullmatch(rio), ids
+    assert running == live  # a live worker of version 6 fences on its id
+    workers = dict(query(database_url, "SELECT id, pid FROM syncworker.workers"))
+    assert workers == {rio: 31337, live: 4242}
 
 
 def test_worker_owning_a_precreated_schema_needs_no_database_create(roles: Roles, tmp_path: Path):
@@ -776,7 +1128,20 @@ def test_mixed_case_schema_and_channels_are_quoted_identifiers(database_url, tmp
         "SELECT relname FROM pg_class WHERE relnamespace = '\"Sync_Audit\"'::regnamespace"
         " AND relkind = 'r' ORDER BY relname",
     )
-    assert tables == [("jobs",), ("migrations",), ("run_steps",), ("runs",), ("workers",)]
+    assert tables == [
+        ("jobs",),
+        ("migrations",),
+        ("payload_grants",),
+        ("run_steps",),
+        ("runs",),
+        ("workers",),
+    ]
+    views = query(
+        database_url,
+        "SELECT relname FROM pg_class WHERE relnamespace = '\"Sync_Audit\"'::regnamespace"
+        " AND relkind = 'v'",
+    )
+    assert views == [("run_payloads",)]
 
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute('LISTEN "Sync_Events"')

@@ -46,11 +46,13 @@ def url(database_url: str, tmp_path: Any) -> str:
 @pytest.fixture
 def live_worker(url: str) -> Iterator[str]:
     """A worker row trigger() may reserve for, alive as a worker is: its
-    session holds the liveness lock."""
+    session holds the liveness lock, and it claims reservations from the row
+    (sql/007)."""
     [(lock_key,)] = query(
         url,
         "INSERT INTO syncworker.workers (id, hostname, pid, version, state, concurrency,"
-        " first_steps) VALUES ('w', 'h', 1, 'v', 'idle', 1, '{\"solo\": \"s\", \"pfa\": \"s\"}')"
+        " first_steps, reserve_by_id)"
+        " VALUES ('w', 'h', 1, 'v', 'idle', 1, '{\"solo\": \"s\", \"pfa\": \"s\"}', true)"
         " RETURNING lock_key",
     )
     with psycopg.connect(url, autocommit=True) as session:
@@ -103,17 +105,22 @@ def test_trigger_writes_the_reservation_with_the_run(url: str, live_worker: str)
             assert _writes(conn) == (1, 0)
         heard = next(listener.notifies(timeout=10.0, stop_after=1))
     assert created and _run(url, run_id) == ("pending", None, 0, None, live_worker, 1)
-    assert json.loads(heard.payload) == {
-        "reserved_for": live_worker,
-        "id": run_id,
-        "job": "solo",
-        "scope": None,
-        "source": "test",
-        "triggered_by": "tester",
-        "scheduled_for": None,
-        "attempt": 0,
-        "max_attempts": 1,
-    }
+    # Any role may LISTEN: whom it is for and which run, nothing else (sql/007).
+    assert json.loads(heard.payload) == {"reserved_for": live_worker, "id": run_id}
+
+
+def test_no_reservation_for_a_worker_that_reads_the_run_off_the_wake(
+    url: str, live_worker: str
+) -> None:
+    """A worker of a version before 7 needs the run's fields in the wake, which
+    no longer carries them: it is not reserved for, and claims as any worker."""
+    query(url, "UPDATE syncworker.workers SET reserve_by_id = false WHERE id = %s", (live_worker,))
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute("LISTEN syncworker_wake")
+        [(run_id, created)] = query(url, "SELECT * FROM syncworker.trigger('solo')")
+        heard = next(listener.notifies(timeout=10.0, stop_after=1))
+    assert created and _run(url, run_id) == ("pending", None, 0, None, None, 1)
+    assert heard.payload == "solo"
 
 
 def test_a_running_key_gets_a_pending_run_after_it(url: str) -> None:
