@@ -15,7 +15,7 @@ help:
 	@echo "make run        start a worker on a throwaway embedded PostgreSQL with the example job"
 	@echo "make test       lint, type-check and run the whole test suite (own PostgreSQL)"
 	@echo "make soak       3 workers, 50 triggers/s, random kill -9 and restarts for 10 min (SYNCWORKER_SOAK_SECONDS)"
-	@echo "make bench      latency, idle cost, cron, bursts, scale-out, fail-over vs procrastinate (~15 min; QUICK=1: ~1 min)"
+	@echo "make bench      latency, idle cost, cron, bursts, scale-out, fail-over vs procrastinate (~6 min; QUICK=1: ~1 min)"
 	@echo "make lint       ruff"
 	@echo "make typecheck  mypy --strict"
 

@@ -15,13 +15,23 @@ module.exports = {
       // to put cancelled runs back to pending before it sends SIGKILL.
       // Raise both together.
       kill_timeout: 330000,
+      // Signal the worker only, not its process tree: PM2's tree-kill would
+      // send SIGINT straight to the command steps, which then die before the
+      // drain rule lets them finish. The worker stops its step commands' process
+      // groups itself.
+      treekill: false,
       autorestart: true,
-      // Back off while the process keeps crashing, instead of a tight loop.
-      exp_backoff_restart_delay: 200,
-      // 0: a drain after a stop signal is a clean exit. 78: a config error,
-      // which a restart cannot fix.
-      stop_exit_codes: [0, 78],
-      max_restarts: 50,
+      // No restart_delay or exp_backoff_restart_delay: PM2 7 then marks an
+      // exit in stop_exit_codes "waiting restart" forever instead of
+      // "stopped". A crash loop is bounded instead: 10 exits within 10 s of
+      // their start make the app "errored".
+      min_uptime: 10000,
+      // 78 is a config error, which a restart cannot fix: stay stopped, with
+      // the reason in `pm2 logs`. Any other exit is restarted, 0 included:
+      // `pm2 stop` never restarts, so a 0 seen here is a stop PM2 did not
+      // ask for (a kill by hand); a step ending the process exits 70.
+      stop_exit_codes: [78],
+      max_restarts: 10,
       merge_logs: true,
       // structlog already puts an ISO timestamp in every line.
       time: false,
@@ -29,6 +39,8 @@ module.exports = {
         // PM2 captures output through pipes, so "auto" would pick JSON anyway;
         // say it explicitly for log shippers.
         SYNCWORKER_LOG_FORMAT: "json",
+        // PM2 files stderr as its error log: every line would look like one.
+        SYNCWORKER_LOG_STREAM: "stdout",
       },
     },
   ],

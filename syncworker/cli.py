@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -48,7 +50,7 @@ _REDRAW_EVERY = 0.25
 # status --watch redraws at most this often, however many events arrive.
 _WATCH_DEBOUNCE = 0.5
 T = TypeVar("T")
-_NOT_SET_UP = "schema {!r} is not set up: run `syncworker migrate`"
+_NOT_SET_UP = "schema {!r} is not set up: run `{} migrate`"
 
 app = typer.Typer(
     add_completion=False,
@@ -81,9 +83,35 @@ def main() -> None:
     app()
 
 
+def _me() -> str:
+    """How to run this command again from the user's shell: `syncworker` only
+    when that is on PATH (in a fresh checkout it is `.venv/bin/syncworker`)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if Path(argv0).name != "syncworker":
+        return f"{Path(sys.executable).name} -m syncworker"  # python -m syncworker
+    found = shutil.which("syncworker")
+    if found and Path(found).resolve() == Path(argv0).resolve():
+        return "syncworker"
+    return argv0
+
+
 def _fail(code: int, message: str) -> NoReturn:
     typer.echo(f"syncworker: {redact(message)}", err=True)
     raise typer.Exit(code)
+
+
+def _config_error(exc: ConfigError) -> str:
+    """The one line for a config error; a step that cannot be imported also
+    says where Python looked, the usual miss being an unset PYTHONPATH."""
+    text = f"config error: {exc}"
+    if exc.reason.startswith("cannot import "):
+        path = os.environ.get("PYTHONPATH")
+        now = f"PYTHONPATH={path}" if path else "PYTHONPATH is unset"
+        text += (
+            f" (install the step's package into {sys.executable}, or put its directory"
+            f" on PYTHONPATH; {now})"
+        )
+    return text
 
 
 def _settings(config: Path | None, database_url: str | None, *, required: bool) -> Settings:
@@ -171,11 +199,12 @@ def run(
         typer.echo(
             f"embedded PostgreSQL: {server.url}\n"
             f"  trigger every job:  psql '{server.url}' -c \"NOTIFY {settings.channel}\"\n"
-            f"  see the runs:       syncworker status --database-url '{server.url}'",
+            f"  see the runs:       {_me()} status --database-url '{server.url}'",
             err=True,
         )
     try:
-        log = make_logger(settings.log_level, settings.log_format)
+        stream = sys.stdout if settings.log_stream == "stdout" else sys.stderr
+        log = make_logger(settings.log_level, settings.log_format, stream)
         forward_library_logs(log)
         try:
             worker = Worker(
@@ -187,7 +216,7 @@ def run(
             # Raised from inside too: the `http` address is bound at start.
             code = asyncio.run(_serve(worker))
         except ConfigError as exc:
-            _fail(EX_CONFIG, f"config error: {exc}")
+            _fail(EX_CONFIG, _config_error(exc))
         except psycopg.errors.InsufficientPrivilege as exc:
             reason = str(exc).strip().splitlines()[0]
             _fail(EX_NOPERM, f"permission denied: {reason} (README, 'Least-privilege roles')")
@@ -296,8 +325,9 @@ async def _trigger(
             )
         except TriggerError as exc:
             _fail(1, str(exc))
-        except psycopg.errors.UndefinedFunction:
-            _fail(EX_CONFIG, _NOT_SET_UP.format(settings.schema))
+        except (psycopg.errors.InvalidSchemaName, psycopg.errors.UndefinedFunction):
+            # No schema at all, or one from before trigger() existed.
+            _fail(EX_CONFIG, _NOT_SET_UP.format(settings.schema, _me()))
         if not wait:
             typer.echo(json.dumps({"runs": ids}) if as_json else " ".join(map(str, ids)))
             return 0
@@ -311,7 +341,7 @@ async def _trigger(
             typer.echo(f"timed out after {timeout:g} s", err=True)
         return 2
     if as_json:
-        typer.echo(json.dumps({"runs": final}, default=str))
+        typer.echo(to_json({"runs": final}, indent=None))
     ok = all(r["status"] == "succeeded" for r in final)
     return 0 if ok else 1
 
@@ -405,7 +435,7 @@ def status(
         try:
             return await store.read_status(conn, limit=limit, job=job)
         except psycopg.errors.UndefinedTable:
-            _fail(EX_CONFIG, _NOT_SET_UP.format(settings.schema))
+            _fail(EX_CONFIG, _NOT_SET_UP.format(settings.schema, _me()))
 
     async def once() -> dict[str, Any]:
         conn = await _connect(settings)
@@ -466,7 +496,7 @@ def check(config: ConfigOpt = None, database_url: DatabaseOpt = None) -> None:
         try:
             steps = resolve_job_steps(name, job, source)
         except ConfigError as exc:
-            _fail(EX_CONFIG, f"config error: {exc}")
+            _fail(EX_CONFIG, _config_error(exc))
         state = "" if job.enabled else " (disabled)"
         typer.echo(f"job {name}{state}: {len(steps)} step(s)")
         for step in steps:

@@ -6,13 +6,14 @@ variable), the key and the reason; the CLI turns it into exit code 78.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import os
 import re
 import tomllib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -189,6 +190,8 @@ class Settings(_SchemaField):
     heartbeat_interval: float = Field(default=10, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    # stdout for supervisors that file stderr as errors (PM2's error log).
+    log_stream: Literal["stderr", "stdout"] = "stderr"
     # Finished runs older than this are deleted (0 keeps them forever).
     history_days: float = Field(default=30, ge=0)
     http: str = ""
@@ -332,7 +335,7 @@ def validate_config(data: Mapping[str, Any], source: str = "<config>") -> Settin
         # Exact names only: pydantic-settings would take `_env_prefix` and the
         # like as its own options, and match other keys ignoring case.
         if key not in Settings.model_fields:
-            raise ConfigError(source, key, "unknown key")
+            raise ConfigError(source, key, _unknown_key([key]))
     try:
         settings = Settings(**data)
     except ValidationError as exc:
@@ -367,14 +370,36 @@ def _first_error(exc: ValidationError, data: Mapping[str, Any], source: str) -> 
     # The environment wins over the file, so a set variable is where the value came from.
     where = env_name if top and env_name in os.environ else source
     if err["type"] == "extra_forbidden":
-        return ConfigError(where, key, "unknown key")
+        return ConfigError(where, key, _unknown_key(loc))
     if err["type"] == "missing":
         return ConfigError(where, key, "required key is missing")
     message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "step_kind" and isinstance(err.get("input"), dict):
+        # {comand = [...]}: the table's keys say which kind was meant.
+        for name in err["input"]:
+            close = difflib.get_close_matches(str(name), ["command", "sql"], n=1, cutoff=0.6)
+            if close:
+                return ConfigError(
+                    where, key, f"{message}; unknown key {str(name)!r} (did you mean {close[0]!r}?)"
+                )
     shown = err.get("input")
     if err["type"] not in ("value_error",) and isinstance(shown, str | int | float | bool):
         message = f"{message} (got {json.dumps(shown)})"
     return ConfigError(where, key, message)
+
+
+def _unknown_key(loc: list[str]) -> str:
+    """ "unknown key", with the nearest known key at that place when one is close."""
+    if len(loc) == 1:
+        known: Iterable[str] = Settings.model_fields
+    elif len(loc) == 3 and loc[0] == "jobs":
+        known = JobConfig.model_fields
+    elif len(loc) == 5 and loc[2] == "steps":
+        known = (*CommandStep.model_fields, *SqlStep.model_fields)
+    else:
+        known = ()
+    close = difflib.get_close_matches(loc[-1], list(known), n=1, cutoff=0.6) if loc else []
+    return f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
 
 
 def _dotted(loc: list[str]) -> str:

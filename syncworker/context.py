@@ -42,6 +42,11 @@ class StopRequest:
         self.observed = True
         return True
 
+    def requested(self) -> bool:
+        """Whether a drain is under way, without counting as seen: for the
+        worker's own bookkeeping, never for a step's decision."""
+        return self._event.is_set()
+
 
 @dataclass
 class SyncContext:

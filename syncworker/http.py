@@ -12,7 +12,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Any
 
@@ -46,6 +46,8 @@ class Response:
     body: bytes
     content_type: str = TEXT
     headers: tuple[tuple[str, str], ...] = ()
+    # HEAD: the headers GET would send, Content-Length included, no body.
+    head_only: bool = False
 
 
 Route = Callable[[], Awaitable[Response]]
@@ -106,15 +108,18 @@ class HttpServer:
         route = self._routes.get(path)
         if route is None:
             response = _text(HTTPStatus.NOT_FOUND, "not found")
-        elif method != "GET":
+        elif method not in ("GET", "HEAD"):
             response = _text(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed")
-            response = Response(response.status, response.body, headers=(("Allow", "GET"),))
+            response = replace(response, headers=(("Allow", "GET, HEAD"),))
         else:
             try:
                 response = await route()
             except Exception as exc:
                 self._log.error("http_handler_failed", path=path, error=repr(exc)[:500])
                 response = _text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
+        if method == "HEAD":
+            # Probes (curl -I, load balancers) ask HEAD: GET's answer, no body.
+            response = replace(response, head_only=True)
         self._log.debug("http_request", method=method[:16], path=path[:200], status=response.status)
         return response
 
@@ -221,7 +226,8 @@ def _encode(response: Response) -> bytes:
         "Connection: close",
         *(f"{name}: {value}" for name, value in response.headers),
     ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + response.body
+    body = b"" if response.head_only else response.body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def _text(status: HTTPStatus, text: str) -> Response:

@@ -21,6 +21,7 @@ RESTART_ONLY = (
     "http",
     "log_level",
     "log_format",
+    "log_stream",
     "concurrency",
 )
 

@@ -15,7 +15,8 @@ def to_json(status: Mapping[str, Any], *, indent: int | None = 2) -> str:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
-        return value.isoformat()
+        # The log lines' form (UTC, "Z"), whatever the session's TimeZone.
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
     if isinstance(value, Decimal):
         return float(value)
     raise TypeError(f"cannot serialise {type(value).__name__}")

@@ -338,6 +338,10 @@ def _command_step(spec: CommandStep) -> StepFn:
             "SYNCWORKER_ATTEMPT": str(ctx.attempt),
             "SYNCWORKER_PAYLOAD": json.dumps(ctx.payload),
         }
+        # A drain already under way when the command starts is no request
+        # to stop it: like a step that never looks at `stopping`, it runs on
+        # (the drain rule) until drain_timeout cancels it.
+        started_in_drain = ctx.stopping.requested()
         try:
             proc, exited = await _spawn(argv, env)
         except OSError as exc:
@@ -357,7 +361,7 @@ def _command_step(spec: CommandStep) -> StepFn:
             _pump(proc.stdout, "stdout", ctx, None), _pump(proc.stderr, "stderr", ctx, tail)
         )
         readers.add_done_callback(_consume)
-        terminator = asyncio.create_task(_terminate_on_stop(group, ctx))
+        terminator = asyncio.create_task(_terminate_on_stop(group, ctx, started_in_drain))
         try:
             await asyncio.shield(exited)
             # A drain starting from now on did not cut it short: not seen.
@@ -548,7 +552,9 @@ def _apply_counter_line(text: str, ctx: SyncContext) -> None:
         ctx.count(**doc)
 
 
-async def _terminate_on_stop(group: _Group, ctx: SyncContext) -> None:
+async def _terminate_on_stop(group: _Group, ctx: SyncContext, started_in_drain: bool) -> None:
+    if started_in_drain:
+        return
     # Waiting marks the request as seen: a command stopped by SIGTERM is redone.
     await ctx.stopping.wait()
     group.signal(signal.SIGTERM)

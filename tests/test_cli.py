@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import psycopg
 import pytest
 
 import syncworker
 from syncworker.embedded import free_port
-from tests.harness import cli, query, release, write_config
+from tests.harness import REPO, cli, query, release, write_config
 
 JOBS = """
 [jobs.sync]
@@ -179,3 +180,53 @@ def test_python_api_triggers_and_reports_errors(database_url, tmp_path):
     assert ids[0] in both
     rows = query(database_url, "SELECT scope, source, payload FROM syncworker.runs ORDER BY id")
     assert rows == [("RIO", "webhook", {})]  # the rolled-back HOU run is gone
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["trigger", "sync"],
+        ["trigger", "sync", "--wait", "--json"],
+        ["status"],
+        ["status", "--json"],
+    ],
+    ids=" ".join,
+)
+def test_a_database_without_the_schema_exits_78_with_the_migrate_hint(database_url, args):
+    result = cli(*args, "--database-url", database_url)
+    assert result.returncode == 78, result.stderr
+    assert result.stderr == (
+        f"syncworker: schema 'syncworker' is not set up: run `{sys.executable.rsplit('/', 1)[-1]}"
+        " -m syncworker migrate`\n"
+    )
+    assert result.stdout == ""
+
+
+def test_trigger_wait_json_and_status_json_print_the_same_timestamps(database_url, tmp_path, start):
+    config = write_config(tmp_path / "c.toml", database_url, JOBS)
+    start(config)
+    # A session TimeZone other than UTC must not change what is printed.
+    env = {"PGTZ": "America/Sao_Paulo"}
+    waited = cli(
+        "trigger", "sync", "--scope", "RIO", "--wait", "--json", "--config", str(config), env=env
+    )
+    assert waited.returncode == 0, waited.stderr
+    [run] = json.loads(waited.stdout)["runs"]
+    status = json.loads(cli("status", "--json", "--config", str(config), env=env).stdout)
+    [listed] = [r for r in status["runs"] if r["id"] == run["id"]]
+    for key in ("requested_at", "started_at", "finished_at"):
+        assert run[key] == listed[key], key
+        assert run[key].endswith("Z") and "T" in run[key], run[key]
+
+
+def test_check_on_the_example_says_pythonpath_is_what_is_missing(database_url):
+    example = REPO / "examples" / "hello" / "syncworker.toml"
+    args = ("check", "--config", str(example), "--database-url", database_url)
+    missing = cli(*args, env={"PYTHONPATH": ""})
+    assert missing.returncode == 78
+    assert "cannot import 'hello_sync'" in missing.stderr
+    assert "put its directory on PYTHONPATH; PYTHONPATH is unset" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    found = cli(*args, env={"PYTHONPATH": str(REPO / "examples" / "hello")})
+    assert found.returncode == 0, found.stderr
+    assert "config: ok" in found.stdout

@@ -331,7 +331,8 @@ def test_bad_step_table_message_is_exact() -> None:
     err = config_error({"jobs": {"pfa": job(steps=["a.b:c", {"commnd": ["x"]}])}}, "s.toml")
     assert str(err) == (
         "s.toml: jobs.pfa.steps[1]: "
-        "a step must be 'module:function', {command = [...]} or {sql = \"...\"}"
+        "a step must be 'module:function', {command = [...]} or {sql = \"...\"};"
+        " unknown key 'commnd' (did you mean 'command'?)"
     )
 
 
@@ -525,3 +526,31 @@ def test_cli_check_exits_78_on_a_missing_file(tmp_path: Path) -> None:
     assert proc.returncode == 78, proc.stderr
     assert str(missing) in proc.stderr
     assert "file not found" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"concurency": 2}, "concurency: unknown key (did you mean 'concurrency'?)"),
+        ({"log_formt": "json"}, "log_formt: unknown key (did you mean 'log_format'?)"),
+        (
+            {"jobs": {"pfa": job(schedul="* * * * *")}},
+            "jobs.pfa.schedul: unknown key (did you mean 'schedule'?)",
+        ),
+        (
+            {"jobs": {"pfa": job(steps=[{"sql": "select 1", "sq": 1}])}},
+            "jobs.pfa.steps[0].sq: unknown key (did you mean 'sql'?)",
+        ),
+        (
+            {"jobs": {"pfa": job(steps=[{"comand": ["true"]}])}},
+            "jobs.pfa.steps[0]: a step must be 'module:function', {command = [...]} or"
+            " {sql = \"...\"}; unknown key 'comand' (did you mean 'command'?)",
+        ),
+        # Nothing close: no guess.
+        ({"colour": 1}, "colour: unknown key"),
+    ],
+)
+def test_a_mistyped_key_gets_a_did_you_mean(data, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config(data, "c.toml")
+    assert str(err.value) == f"c.toml: {message}"

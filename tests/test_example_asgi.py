@@ -100,3 +100,63 @@ def test_the_asgi_example_refuses_to_start_on_a_bad_config(tmp_path: Path):
     failed = asyncio.run(start())
     assert failed["type"] == "lifespan.startup.failed"
     assert "timeout" in failed["message"]
+
+
+def test_under_uvicorn_a_second_ctrl_c_forces_the_drain(database_url, tmp_path: Path):
+    """A real uvicorn: the first Ctrl-C starts the drain of a run that will not
+    end by itself; the second one cancels it (drain_forced), and the server
+    exits at once instead of after drain_timeout."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from syncworker.embedded import free_port
+    from tests.harness import JOBS_DIR, _base_env, query, wait_until, write_config
+
+    shutil.copy(REPO / "examples" / "asgi" / "app.py", tmp_path / "app.py")
+    write_config(
+        tmp_path / "syncworker.toml",
+        database_url,
+        '[jobs.held]\nsteps = ["sw_testjobs:wait_release"]\n',
+        drain_timeout=120,
+    )
+    env = {**_base_env(), "PYTHONPATH": f"{tmp_path}{os.pathsep}{JOBS_DIR}"}
+    proc = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "uvicorn"), "app:app", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+
+    def seen(event: str) -> bool:
+        return any(f'"event": "{event}"' in line for line in list(lines))
+
+    try:
+        wait_until(lambda: seen("worker_started"), what="the worker listening")
+        [(run_id,)] = query(database_url, "SELECT run_id FROM syncworker.trigger('held')")
+        wait_until(
+            lambda: query(database_url, "SELECT 1 FROM test_log WHERE run_id = %s", (run_id,)),
+            what="the held run under way",
+        )
+        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: seen("drain_started"), what="drain_started")
+        second = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, "".join(lines[-30:])
+        assert time.monotonic() - second < 15
+        assert seen("drain_forced") and seen("worker_stopped"), "".join(lines[-30:])
+        assert query(
+            database_url, "SELECT status FROM syncworker.runs WHERE id = %s", (run_id,)
+        ) == [("pending",)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -414,8 +414,18 @@ def test_unknown_paths_methods_and_bad_requests(database_url, tmp_path, start, p
     assert get(port, "/healthz/")[0] == 404
     assert get(port, "/healthz?verbose=1")[0] == 200
     status, headers, _ = get(port, "/healthz", method="POST")
-    assert (status, headers["Allow"]) == (405, "GET")
-    assert get(port, "/metrics", method="HEAD")[0] == 405
+    assert (status, headers["Allow"]) == (405, "GET, HEAD")
+    # HEAD answers as GET would, without the body (curl -I, load balancers).
+    for path in ("/healthz", "/metrics", "/status"):
+        got = raw(port, f"HEAD {path} HTTP/1.1\r\n\r\n".encode())
+        head, _, body = got.partition(b"\r\n\r\n")
+        full = get(port, path)
+        assert head.startswith(b"HTTP/1.1 200 "), (path, got)
+        assert body == b"", (path, body)
+        length = next(ln for ln in head.split(b"\r\n") if ln.startswith(b"Content-Length: "))
+        assert int(length.split(b": ")[1]) > 0 and full[0] == 200
+    missing = raw(port, b"HEAD /nope HTTP/1.1\r\n\r\n")
+    assert missing.startswith(b"HTTP/1.1 404 ") and missing.endswith(b"\r\n\r\n")
     assert raw(port, b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400 ")
     assert raw(port, b"GET /" + b"x" * 10000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 431 ")
     many = b"".join(b"X-%d: y\r\n" % i for i in range(200))

@@ -208,7 +208,8 @@ def test_unit_service_semantics(unit_path: Path) -> None:
     assert service_value(unit, "NotifyAccess") == "main"
     assert service_value(unit, "KillMode") == "mixed"
     assert service_value(unit, "KillSignal") in ("SIGTERM", "TERM", "15")
-    assert service_value(unit, "Restart") == "on-failure"
+    # Any exit but a config error is restarted, a step's sys.exit(0) included.
+    assert service_value(unit, "Restart") == "always"
     prevent = " ".join(unit["Service"].get("RestartPreventExitStatus", [])).split()
     assert "78" in prevent, prevent
     watchdog = timespan(service_value(unit, "WatchdogSec"))
@@ -290,6 +291,32 @@ def test_systemd_analyze_verify_template_instance(tmp_path: Path) -> None:
     assert not (tmp_path / "syncworker@eu.service").exists()
 
 
+def _exposure(tmp_path: Path, unit_path: Path) -> float:
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze is not on PATH (install systemd to score the units)")
+    name = unit_path.name.replace("@.service", "@eu.service")
+    (tmp_path / unit_path.name).write_text(
+        unit_path.read_text().replace(INSTALLED_SYNCWORKER, str(VENV_SYNCWORKER))
+    )
+    proc = subprocess.run(
+        [exe, "security", "--offline=yes", "--no-pager", f"./{name}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert match, proc.stdout + proc.stderr
+    return float(match.group(1))
+
+
+@UNITS
+def test_systemd_analyze_security_exposure_is_at_most_4(tmp_path: Path, unit_path: Path) -> None:
+    assert _exposure(tmp_path, unit_path) <= 4.0
+
+
 def test_systemd_analyze_verify_reports_a_broken_unit(tmp_path: Path) -> None:
     """The check above would pass vacuously if verify read nothing."""
     broken = tmp_path / "src" / "syncworker.service"
@@ -329,8 +356,13 @@ def test_pm2_ecosystem_matches_the_daemon() -> None:
     (app,) = config["apps"]
     assert app["interpreter"] == "none"
     assert app["kill_timeout"] > DRAIN_TIMEOUT * 1000, (app["kill_timeout"], DRAIN_TIMEOUT)
-    assert 78 in app["stop_exit_codes"]
-    assert app.get("exp_backoff_restart_delay", 0) > 0
+    # Restart on any exit but a config error; the worker owns its children.
+    assert app["stop_exit_codes"] == [78]
+    assert app["autorestart"] is True
+    assert app["treekill"] is False
+    # With a restart delay PM2 7 shows an exit-78 app as "waiting restart".
+    assert "exp_backoff_restart_delay" not in app and "restart_delay" not in app
+    assert app["env"]["SYNCWORKER_LOG_STREAM"] == "stdout"
     # script is resolved against cwd, which is the file's own directory.
     script = Path(app.get("cwd", ROOT)) / app["script"]
     assert script.resolve() == VENV_SYNCWORKER.resolve(), script

@@ -4,13 +4,17 @@ No framework: the ASGI protocol is a callable, and the worker needs only the
 lifespan's startup and shutdown. The worker starts listening before the app
 takes requests and drains its run in flight before the server exits, so a
 deploy never cuts a sync in half. The server's signal handling stays the
-server's: on SIGTERM it ends the lifespan, and that stops the worker.
+server's: on SIGTERM it ends the lifespan, and that stops the worker. While
+the worker drains, a second SIGINT or SIGTERM forces the stop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+import signal
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -55,7 +59,8 @@ class App:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self._stack.aclose()  # stop() and wait for the drain
+                with _second_signal_forces(self.worker):
+                    await self._stack.aclose()  # stop() and wait for the drain
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -78,6 +83,31 @@ class App:
                     return await _reply(send, 404, {"error": str(exc)})
             return await _reply(send, 202, {"runs": runs})
         await _reply(send, 404, {"error": "not found"})
+
+
+@contextlib.contextmanager
+def _second_signal_forces(worker: syncworker.Worker | None) -> Iterator[None]:
+    """While the lifespan drains, a SIGINT or SIGTERM calls worker.stop()
+    again, which cancels the runs in flight at once (as a second Ctrl-C does
+    under `syncworker run`). uvicorn keeps the signals after its first one to
+    itself: it only notes them and goes on awaiting the lifespan, so without
+    this the drain lasts up to drain_timeout whatever the user presses."""
+    loop = asyncio.get_running_loop()
+    taken: list[tuple[signal.Signals, Any]] = []
+    if worker is not None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            try:
+                loop.add_signal_handler(sig, worker.stop)
+            except (NotImplementedError, RuntimeError):  # no such handlers here (Windows)
+                continue
+            taken.append((sig, previous))
+    try:
+        yield
+    finally:
+        for sig, previous in taken:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, previous)  # the server's own handler again
 
 
 async def _reply(send: Send, status: int, body: dict[str, Any]) -> None:
