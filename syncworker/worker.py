@@ -60,6 +60,8 @@ PRUNE_EVERY = 3600.0
 CHECK_IDLE_AFTER = 1.0
 # How long after a change of state (idle, running, draining) it is written.
 STATE_SETTLE = 0.2
+# How long closing a pool waits for its connection attempts in flight.
+POOL_CLOSE = 0.5
 # The longest a NOTIFY's enqueue waits for a lock while the listener waits
 # for it (see _enqueue). Two triggers of one key contend for milliseconds.
 LISTENER_LOCK_TIMEOUT = "50ms"
@@ -265,14 +267,29 @@ class Worker:
             await self._mark_stopped()
             if http is not None:
                 await http.close()
-            await self._step_pool.close()
-            await pool.close()
+            # Not the default 5 s: a connection attempt to a database that
+            # is down must not hold the exit (nothing is left to write).
+            await self._step_pool.close(timeout=POOL_CLOSE)
+            await pool.close(timeout=POOL_CLOSE)
             self.log.info("worker_stopped")
 
     # -- start ------------------------------------------------------------------
 
     async def _start(self) -> bool:
-        """Migrate, register jobs and this worker; wait out a database outage."""
+        """Migrate, register jobs and this worker; wait out a database outage.
+        A stop ends the wait at once, even inside a connection attempt."""
+        attempt = asyncio.ensure_future(self._start_attempts())
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({attempt, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not attempt.done():
+            await cancel_and_wait([attempt])
+            return False
+        return attempt.result()
+
+    async def _start_attempts(self) -> bool:
         delay = 0.2
         down = False
         while not self._stopping.is_set():

@@ -20,6 +20,7 @@ class StallProxy:
         self._flowing.set()
         self._closed = False
         self._pairs: dict[socket.socket, socket.socket] = {}
+        self._held: list[socket.socket] = []
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -38,7 +39,7 @@ class StallProxy:
         self._wake_w.send(b"x")
         self._thread.join(5)
         with self._lock:
-            for s in list(self._pairs):
+            for s in [*self._pairs, *self._held]:
                 s.close()
         self.listener.close()
 
@@ -52,7 +53,12 @@ class StallProxy:
                     self._wake_r.recv(64)
                 elif key.data == "accept":
                     client, _ = self.listener.accept()
-                    server = socket.create_connection(self.target)
+                    try:
+                        server = socket.create_connection(self.target, timeout=5)
+                    except OSError:
+                        # Nothing behind it: hold the client, a black hole.
+                        self._held.append(client)
+                        continue
                     with self._lock:
                         self._pairs[client] = server
                         self._pairs[server] = client

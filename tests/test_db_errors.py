@@ -101,3 +101,28 @@ def test_a_server_turning_read_only_is_waited_out(database_url, tmp_path, start)
     assert "Traceback" not in daemon.log_text()
     assert_invariants(database_url)
     execute(database_url, "SELECT 1")
+
+
+def test_a_stop_while_the_database_is_down_ends_the_start_at_once(tmp_path):
+    """Two Ctrl-C's, or one SIGTERM, while every connection attempt hangs: the
+    start is given up at once, not after the 10 s connect timeout."""
+    import signal
+
+    from tests.stallproxy import StallProxy
+
+    # A server that accepts and never answers: each attempt waits its
+    # connect_timeout out unless the stop cuts it short.
+    proxy = StallProxy("127.0.0.1", 9)  # never reached: stalled from the start
+    proxy.stall()
+    try:
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test"
+        daemon = Daemon(write_config(tmp_path / "c.toml", url, JOBS))
+        daemon.wait_for("worker_starting")
+        time.sleep(1.0)  # inside the first connection attempt
+        began = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(30) == 0
+        assert time.monotonic() - began < 3.0
+        assert "Traceback" not in daemon.log_text()
+    finally:
+        proxy.close()
