@@ -38,10 +38,14 @@ typecheck: install
 	$(BIN)/mypy
 
 # Tools the tests run for real, from Debian's packages: libfaketime (workers
-# with a skewed clock). Installed once; needs root, as CI has.
+# with a skewed clock) and PgBouncer (poolers). Installed once; needs root,
+# as CI has.
+TEST_PACKAGES := faketime pgbouncer
 test-tools:
-	@command -v faketime >/dev/null || apt-get install -y -q faketime >/dev/null \
-		|| (apt-get update -q >/dev/null && apt-get install -y -q faketime >/dev/null)
+	@if ! command -v faketime >/dev/null || ! test -x /usr/sbin/pgbouncer; then \
+		apt-get install -y -q $(TEST_PACKAGES) >/dev/null \
+		|| (apt-get update -q >/dev/null && apt-get install -y -q $(TEST_PACKAGES) >/dev/null); \
+	fi
 
 test: lint typecheck test-tools
 	$(BIN)/pytest

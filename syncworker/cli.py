@@ -132,8 +132,10 @@ def _settings(config: Path | None, database_url: str | None, *, required: bool) 
 
 async def _connect(settings: Settings) -> psycopg.AsyncConnection[Any]:
     try:
+        # No server-side prepared statements: a CLI call is short, and a
+        # transaction-mode pooler (`trigger --wait` polls) cannot keep them.
         return await psycopg.AsyncConnection.connect(
-            settings.database_url, autocommit=True, connect_timeout=10
+            settings.database_url, autocommit=True, connect_timeout=10, prepare_threshold=None
         )
     except psycopg.OperationalError as exc:
         reason = config_problem(exc)

@@ -200,11 +200,32 @@ class Settings(_SchemaField):
     # for at most step_connect_timeout seconds.
     step_pool_size: int | None = Field(default=None, ge=1, le=10_000)
     step_connect_timeout: float = Field(default=30, gt=0)
+    # Behind a pooler (README, "Production databases"): the listening
+    # session's own URL (a direct connection; empty: database_url), whether
+    # pooled connections may keep server-side state ("transaction": they do
+    # not), and the poll mode for when no session can LISTEN.
+    listen_url: str = ""
+    pooler: Literal["none", "transaction"] = "none"
+    listen: bool = True
+    poll_interval: float = Field(default=5, gt=0)
     jobs: dict[str, JobConfig] = Field(default_factory=dict)
 
     @property
     def step_pool_max(self) -> int:
         return self.step_pool_size or 2 * self.concurrency
+
+    @property
+    def listen_conninfo(self) -> str:
+        return self.listen_url or self.database_url
+
+    @model_validator(mode="after")
+    def _pooler_needs_a_direct_listener(self) -> Settings:
+        if self.pooler == "transaction" and self.listen and not self.listen_url:
+            raise ValueError(
+                'pooler = "transaction" needs listen_url, a direct connection (not'
+                " through the pooler) for LISTEN, or listen = false (poll mode)"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

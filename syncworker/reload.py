@@ -23,6 +23,12 @@ RESTART_ONLY = (
     "log_format",
     "log_stream",
     "concurrency",
+    "listen_url",
+    "pooler",
+    "listen",
+    "poll_interval",
+    "step_pool_size",
+    "step_connect_timeout",
 )
 
 

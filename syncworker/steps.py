@@ -11,9 +11,10 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -325,79 +326,109 @@ def _sql_error(exc: psycopg.Error) -> str:
     return "\n".join(parts)
 
 
+# The largest payload also put in the environment (SYNCWORKER_PAYLOAD):
+# Linux refuses to start a program with any one environment string over
+# 128 KiB (MAX_ARG_STRLEN), with "Argument list too long". Past this, a
+# command reads SYNCWORKER_PAYLOAD_FILE, which it always gets.
+PAYLOAD_IN_ENV_MAX = 64 * 1024
+
+
+@contextlib.contextmanager
+def _payload_file(payload: str) -> Iterator[str]:
+    """The payload in a file only this user may read, removed afterwards."""
+    fd, path = tempfile.mkstemp(prefix="syncworker-payload-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(payload)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def _command_step(spec: CommandStep) -> StepFn:
     async def run_command(ctx: SyncContext) -> None:
-        argv = substitute(spec.command, ctx)
-        env = {
-            **os.environ,
-            "SYNCWORKER_RUN_ID": str(ctx.run_id),
-            "SYNCWORKER_JOB": ctx.job,
-            "SYNCWORKER_SCOPE": ctx.scope or "",
-            "SYNCWORKER_SOURCE": ctx.source,
-            "SYNCWORKER_TRIGGERED_BY": ctx.triggered_by or "",
-            "SYNCWORKER_ATTEMPT": str(ctx.attempt),
-            "SYNCWORKER_PAYLOAD": json.dumps(ctx.payload),
-        }
-        # A drain already under way when the command starts is no request
-        # to stop it: like a step that never looks at `stopping`, it runs on
-        # (the drain rule) until drain_timeout cancels it.
-        started_in_drain = ctx.stopping.requested()
-        try:
-            proc, exited = await _spawn(argv, env)
-        except OSError as exc:
-            raise StepFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
-        group = _Group(proc)
-        token = lease.current.get()
-        # Its own session keeps it running while the worker is frozen: the
-        # lease watchdog, a process of its own, kills it when the lease lapses.
-        try:
-            watch = token.watch(group.pgid) if token is not None else None
-        except OSError as exc:  # no watchdog process: do not run unguarded
-            group.signal(signal.SIGKILL)
-            raise StepFailed(f"cannot start the lease watchdog: {exc}") from None
-        tail: deque[str] = deque(maxlen=_STDERR_TAIL)
-        assert proc.stdout is not None and proc.stderr is not None
-        readers = asyncio.gather(
-            _pump(proc.stdout, "stdout", ctx, None), _pump(proc.stderr, "stderr", ctx, tail)
-        )
-        readers.add_done_callback(_consume)
-        terminator = asyncio.create_task(_terminate_on_stop(group, ctx, started_in_drain))
-        try:
-            await asyncio.shield(exited)
-            # A drain starting from now on did not cut it short: not seen.
-            terminator.cancel()
-            code = proc.returncode
-            assert code is not None
-            stopped = group.terminated  # by the drain, while it ran
-            # Whatever it left running in its group would outlive the step as
-            # an orphan, and would hold the output pipes open.
-            group.signal(signal.SIGTERM)
-            await asyncio.wait({readers}, timeout=KILL_GRACE)
-            group.signal(signal.SIGKILL)
-            # Only a process that left the group (setsid) can still hold a
-            # pipe now; its output is not worth hanging the run for.
-            await asyncio.wait({readers}, timeout=1.0)
-            if not readers.done():
-                readers.cancel()
-                ctx.log.warning("step_output_abandoned", reason="output still open after exit")
-        except asyncio.CancelledError:
-            try:
-                await _halt(group, exited, readers)
-            finally:
-                readers.cancel()
-            raise
-        finally:
-            terminator.cancel()
-            if watch is not None:
-                watch.release()
-        if stopped:
-            # Even after a clean exit: it was cut short, so the run is redone
-            # and the step recorded as stopped (see the README's drain rule).
-            raise StepFailed(f"stopped by shutdown ({_exit_error(code, tail)})")
-        if code != 0:
-            raise StepFailed(_exit_error(code, tail))
+        payload = json.dumps(ctx.payload)
+        with _payload_file(payload) as payload_path:
+            await _run_command(spec, ctx, payload, payload_path)
 
     return run_command
+
+
+async def _run_command(
+    spec: CommandStep, ctx: SyncContext, payload: str, payload_path: str
+) -> None:
+    argv = substitute(spec.command, ctx)
+    env = {
+        **os.environ,
+        "SYNCWORKER_RUN_ID": str(ctx.run_id),
+        "SYNCWORKER_JOB": ctx.job,
+        "SYNCWORKER_SCOPE": ctx.scope or "",
+        "SYNCWORKER_SOURCE": ctx.source,
+        "SYNCWORKER_TRIGGERED_BY": ctx.triggered_by or "",
+        "SYNCWORKER_ATTEMPT": str(ctx.attempt),
+        "SYNCWORKER_PAYLOAD_FILE": payload_path,
+    }
+    if len(payload.encode()) <= PAYLOAD_IN_ENV_MAX:
+        env["SYNCWORKER_PAYLOAD"] = payload
+    # A drain already under way when the command starts is no request
+    # to stop it: like a step that never looks at `stopping`, it runs on
+    # (the drain rule) until drain_timeout cancels it.
+    started_in_drain = ctx.stopping.requested()
+    try:
+        proc, exited = await _spawn(argv, env)
+    except OSError as exc:
+        raise StepFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+    group = _Group(proc)
+    token = lease.current.get()
+    # Its own session keeps it running while the worker is frozen: the
+    # lease watchdog, a process of its own, kills it when the lease lapses.
+    try:
+        watch = token.watch(group.pgid) if token is not None else None
+    except OSError as exc:  # no watchdog process: do not run unguarded
+        group.signal(signal.SIGKILL)
+        raise StepFailed(f"cannot start the lease watchdog: {exc}") from None
+    tail: deque[str] = deque(maxlen=_STDERR_TAIL)
+    assert proc.stdout is not None and proc.stderr is not None
+    readers = asyncio.gather(
+        _pump(proc.stdout, "stdout", ctx, None), _pump(proc.stderr, "stderr", ctx, tail)
+    )
+    readers.add_done_callback(_consume)
+    terminator = asyncio.create_task(_terminate_on_stop(group, ctx, started_in_drain))
+    try:
+        await asyncio.shield(exited)
+        # A drain starting from now on did not cut it short: not seen.
+        terminator.cancel()
+        code = proc.returncode
+        assert code is not None
+        stopped = group.terminated  # by the drain, while it ran
+        # Whatever it left running in its group would outlive the step as
+        # an orphan, and would hold the output pipes open.
+        group.signal(signal.SIGTERM)
+        await asyncio.wait({readers}, timeout=KILL_GRACE)
+        group.signal(signal.SIGKILL)
+        # Only a process that left the group (setsid) can still hold a
+        # pipe now; its output is not worth hanging the run for.
+        await asyncio.wait({readers}, timeout=1.0)
+        if not readers.done():
+            readers.cancel()
+            ctx.log.warning("step_output_abandoned", reason="output still open after exit")
+    except asyncio.CancelledError:
+        try:
+            await _halt(group, exited, readers)
+        finally:
+            readers.cancel()
+        raise
+    finally:
+        terminator.cancel()
+        if watch is not None:
+            watch.release()
+    if stopped:
+        # Even after a clean exit: it was cut short, so the run is redone
+        # and the step recorded as stopped (see the README's drain rule).
+        raise StepFailed(f"stopped by shutdown ({_exit_error(code, tail)})")
+    if code != 0:
+        raise StepFailed(_exit_error(code, tail))
 
 
 class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):

@@ -34,6 +34,7 @@ from syncworker.exits import EX_SOFTWARE
 from syncworker.http import start_http, worker_routes
 from syncworker.lease import Lease, LeaseTiming, Token
 from syncworker.listener import KEEPALIVES, MAX_BACKOFF, listen_forever
+from syncworker.listenprobe import notifications_arrive
 from syncworker.logs import make_logger
 from syncworker.metrics import Metrics
 from syncworker.orchestrator import RunEnv, execute_run
@@ -242,7 +243,13 @@ class Worker:
             min_size=1,
             max_size=settings.concurrency * 2 + 2,
             open=False,
-            kwargs={"autocommit": True, **KEEPALIVES},
+            # Behind a transaction-mode pooler a connection is another
+            # server's at each transaction: no server-side prepared statements.
+            kwargs={
+                "autocommit": True,
+                **KEEPALIVES,
+                **({"prepare_threshold": None} if settings.pooler == "transaction" else {}),
+            },
             check=self._check_connection,
             timeout=10.0,
             # psycopg_pool doubles the delay between connection attempts with
@@ -304,6 +311,8 @@ class Worker:
                     self._lease.renew(sent, time.monotonic())  # its heartbeat_at is now()
                     await self._offer(conn)
                     self._fire_cursor = await self.store.fire_state(conn)
+                if self.settings.listen:
+                    await self._check_listening()
                 if down:
                     self.log.info("db_reconnected")
                 return True
@@ -318,6 +327,21 @@ class Worker:
                 await wait_event(self._stopping, delay)
                 delay = min(delay * 2, 10.0)
         return False
+
+    async def _check_listening(self) -> None:
+        """ConfigError (exit 78) if NOTIFYs cannot reach the listening session
+        (listenprobe.py): a transaction-mode pooler in its way."""
+        if await notifications_arrive(self.settings.listen_conninfo, KEEPALIVES):
+            return
+        key = "listen_url" if self.settings.listen_url else "database_url"
+        raise ConfigError(
+            self._config_source,
+            key,
+            "a NOTIFY sent on this connection never came back to it, so no trigger would"
+            " be heard (a transaction-mode pooler such as PgBouncer?): set listen_url to"
+            ' a direct connection to PostgreSQL and pooler = "transaction", or'
+            " listen = false to poll every poll_interval seconds instead",
+        )
 
     async def _refuse_bad_settings(self) -> None:
         """Raise ConfigError (exit 78) with the server's reason if it refuses
@@ -357,8 +381,11 @@ class Worker:
     # -- listening and triggers ---------------------------------------------------
 
     async def _listen(self) -> None:
+        if not self.settings.listen:
+            await self._poll()
+            return
         await listen_forever(
-            self.settings.database_url,
+            self.settings.listen_conninfo,
             [self.settings.channel, self.store.wake],
             log=self.log,
             on_connect=self._on_listen_connect,
@@ -367,6 +394,30 @@ class Worker:
             ping_every=max(self.settings.heartbeat_interval, 1.0) * 3,
             ping_deadline=max(self.settings.heartbeat_interval, 1.0) * 2,
         )
+
+    async def _poll(self) -> None:
+        """`listen = false`: no session to LISTEN on (README, "Production
+        databases"). Every poll_interval the database is asked whether it is
+        there, and the executor looks for pending runs; NOTIFYs are not
+        heard, trigger() calls and cron fires are. Without a session, no
+        liveness lock is held: peers judge this worker by its heartbeat."""
+        up: bool | None = None
+        while True:
+            try:
+                async with self._connect() as conn:
+                    await conn.execute("SELECT 1")
+                now_up = True
+            except TRANSIENT as exc:
+                now_up = False
+                if up is not False:
+                    self.log.warning("db_disconnected", error=str(exc).strip().splitlines()[0])
+            if now_up != up:
+                if now_up and up is False:
+                    self.log.info("db_reconnected")
+                self._on_db_state(now_up)
+                up = now_up
+            self._wake.set()
+            await asyncio.sleep(self.settings.poll_interval)  # poll mode: polling is the point
 
     async def _on_listen_connect(self, conn: psycopg.AsyncConnection[Any]) -> None:
         assert self._lock_key is not None

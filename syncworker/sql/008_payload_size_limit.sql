@@ -1,0 +1,31 @@
+-- syncworker schema, version 8: a run's payload is at most 1 MiB of JSON.
+--
+-- A payload travels with its run: into every claim's answer, a command
+-- step's file, ctx.payload in memory. Past a size, it is a mistake (a
+-- document meant for a table) that would make every run of the key slow
+-- or failing, so it is refused where it comes in, with a message naming
+-- the limit. The check runs before insert (trigger() and every other
+-- path) and WHEN only payloads that are not small are measured.
+
+CREATE FUNCTION __SCHEMA__.refuse_large_payload() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    size integer := octet_length(NEW.payload::text);
+BEGIN
+    IF size > 1048576 THEN
+        RAISE EXCEPTION 'syncworker: payload is % bytes of JSON, over the limit of 1048576 (1 MiB)', size
+            USING ERRCODE = '22023',
+                  HINT = 'keep large data in a table of your own and pass its key in the payload';
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+
+REVOKE EXECUTE ON FUNCTION __SCHEMA__.refuse_large_payload() FROM PUBLIC;
+
+CREATE TRIGGER runs_payload_size_limit
+    BEFORE INSERT OR UPDATE OF payload ON __SCHEMA__.runs
+    FOR EACH ROW WHEN (pg_column_size(NEW.payload) > 65536)
+    EXECUTE FUNCTION __SCHEMA__.refuse_large_payload();
