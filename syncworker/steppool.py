@@ -11,6 +11,7 @@ off). A connection that cannot be reset is discarded.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -38,7 +39,13 @@ async def reset(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute("DISCARD ALL")
 
 
-def make_step_pool(settings: Settings) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+def make_step_pool(
+    settings: Settings,
+    check: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]],
+) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+    """`check` vets a connection before it is lent (the worker's: skipped
+    for one used a moment ago with no outage seen since), so a step never
+    gets one a database restart has cut."""
     return AsyncConnectionPool(
         settings.database_url,
         min_size=0,
@@ -48,6 +55,7 @@ def make_step_pool(settings: Settings) -> AsyncConnectionPool[psycopg.AsyncConne
         # and a transaction-mode pooler cannot keep them.
         kwargs={"autocommit": True, "prepare_threshold": None, **KEEPALIVES},
         reset=reset,
+        check=check,
         timeout=settings.step_connect_timeout,
         name="syncworker-steps",
     )

@@ -263,7 +263,7 @@ class Worker:
         )
         self._pool = pool
         await pool.open(wait=False)
-        self._step_pool = make_step_pool(settings)
+        self._step_pool = make_step_pool(settings, self._check_connection)
         await self._step_pool.open(wait=False)
         try:
             if await self._start():
@@ -1270,7 +1270,12 @@ class Worker:
         """A connection for a step (steppool.py): never one of the worker's own."""
         assert self._step_pool is not None
         async with self._step_pool.connection() as conn:
-            yield conn
+            try:
+                yield conn
+            except BaseException:
+                self._used_at.pop(conn, None)
+                raise
+            self._used_at[conn] = time.monotonic()
 
     async def _check_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
         used = self._used_at.get(conn)

@@ -55,8 +55,12 @@ def assert_no_overlap(spans: dict[tuple[int, int], tuple[float, float]]) -> None
 
 
 def runner(daemons: list[Daemon], url: str, run_id: int) -> Daemon:
-    [(worker_id,)] = query(url, "SELECT worker_id FROM syncworker.runs WHERE id = %s", (run_id,))
-    pid = int(worker_id.split(":")[1])
+    [(pid,)] = query(
+        url,
+        "SELECT w.pid FROM syncworker.runs r JOIN syncworker.workers w ON w.id = r.worker_id"
+        " WHERE r.id = %s",
+        (run_id,),
+    )
     [daemon] = [d for d in daemons if d.proc.pid == pid]
     return daemon
 
