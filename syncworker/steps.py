@@ -136,7 +136,12 @@ async def _run_as_task(fn: Callable[[SyncContext], Any], ctx: SyncContext, name:
         except SystemExit as exc:
             raise _exit_failure(exc) from None
 
-    inner = asyncio.ensure_future(guarded())
+    async def fenced() -> None:
+        # The lease is checked at every resumption of the step itself, on
+        # its own task: the run's task resuming is not the step resuming.
+        await lease.guard(guarded(), lease.current.get())
+
+    inner = asyncio.ensure_future(fenced())
     try:
         await asyncio.wait({inner})
     except asyncio.CancelledError:
