@@ -171,6 +171,10 @@ class Worker:
             return "starting"
         if not self._db_up.is_set():
             return "database down"
+        if not self._lease.valid():
+            # The listener may still hear, but no heartbeat got through in
+            # time (a stalled pool, a database refusing writes).
+            return "heartbeat not confirmed"
         return None
 
     def reload(self, settings: Settings | None = None) -> None:
