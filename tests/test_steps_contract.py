@@ -168,6 +168,9 @@ steps = [{{ command = {toml(command)} }}]
         ]
         # The worker's own environment is inherited (SYNCWORKER_LOG_FORMAT here).
         step_env = {k: v for k, v in seen["env"].items() if not k.startswith("SYNCWORKER_LOG_")}
+        # The payload's file: the same JSON, gone once the step ended.
+        payload_file = step_env.pop("SYNCWORKER_PAYLOAD_FILE")
+        assert payload_file.endswith(".json") and not os.path.exists(payload_file)
         assert step_env == {
             "SYNCWORKER_RUN_ID": rid,
             "SYNCWORKER_JOB": "probe",
