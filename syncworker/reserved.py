@@ -55,6 +55,7 @@ async def claim(
     run_id: int,
     jobs: Sequence[str],
     first_steps: Mapping[str, str],
+    lock_timeout: str | None = None,
 ) -> ClaimedRun | None:
     """Claim the run reserved for this worker, as the row the claim returns;
     None when it is not ours to start (not reserved for us, not pending, a
@@ -63,10 +64,20 @@ async def claim(
     Triggers that joined the run while it was pending all happened before
     this claim, so before its step: the run serves them, and no follow-up is
     needed (the step starts only once the claim returns).
+
+    With `lock_timeout`, a claim that would wait longer for the run's row
+    raises LockNotAvailable (the caller claims again where it may wait).
     """
     try:
         async with connect() as conn:
-            return await store.claim_reserved(conn, worker_id, run_id, jobs, first_steps)
+            return await store.claim_reserved(
+                conn, worker_id, run_id, jobs, first_steps, lock_timeout
+            )
+    except psycopg.errors.LockNotAvailable:
+        if lock_timeout is not None:
+            raise  # the caller's to claim again, waiting
+        log.warning("claim_failed", run_id=run_id, error="the run's row stayed locked")
+        return None
     except psycopg.Error as exc:
         # Still reserved for us if the claim did not go through: taken on
         # our next reconnect, or released by recovery if we are judged gone.

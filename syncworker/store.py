@@ -528,6 +528,7 @@ class Store:
         run_id: int,
         jobs: Sequence[str],
         first_steps: Mapping[str, str],
+        lock_timeout: str | None = None,
     ) -> ClaimedRun | None:
         """Claim run `run_id` if trigger() reserved it for this worker and it
         is still pending, recording its first step's start as claim() does;
@@ -538,6 +539,7 @@ class Store:
             cur = await conn.execute(
                 self.q_claim_reserved,
                 {
+                    "lock_timeout": lock_timeout,
                     "id": run_id,
                     "worker": worker_id,
                     "jobs": list(jobs),
@@ -1104,11 +1106,14 @@ SELECT count(*) FROM freed
 # with the same writes as _CLAIM. A reservation of a job we no longer run (a
 # reload since it was made) is given back in the same statement.
 _CLAIM_RESERVED = (
-    """
-WITH target AS MATERIALIZED (
-    SELECT r.id, r.job = ANY(%(jobs)s) AS ours FROM {s}.runs r
+    _LOCK_BUDGET_HEAD
+    + "%(lock_timeout)s"
+    + _LOCK_BUDGET_TAIL
+    + """, target AS MATERIALIZED (
+    -- Joined with budget: its lock_timeout is set before the row is locked.
+    SELECT r.id, r.job = ANY(%(jobs)s) AS ours FROM {s}.runs r, budget
     WHERE r.id = %(id)s AND r.status = 'pending' AND r.reserved_for = %(worker)s
-    FOR UPDATE
+    FOR UPDATE OF r
 ), released AS (
     UPDATE {s}.runs AS r SET reserved_for = NULL
     FROM target t WHERE r.id = t.id AND NOT t.ours

@@ -451,7 +451,7 @@ class Worker:
     ) -> None:
         if notify.channel == self.store.wake:
             if reserved.is_reservation(notify.payload):
-                self._on_reservation(notify.payload)
+                await self._on_reservation(notify.payload, session)
             else:
                 self._wake.set()
             return
@@ -487,12 +487,37 @@ class Worker:
         self.log.info("trigger_received", payload=notify.payload[:200], sender_pid=notify.pid)
         return True
 
-    def _on_reservation(self, payload: str) -> None:
+    async def _on_reservation(
+        self, payload: str, session: psycopg.AsyncConnection[Any] | None
+    ) -> None:
         """A wake naming a run reserved for us: try to claim it. The message
-        is only a hint (any role may send one): the claim decides."""
+        is only a hint (any role may send one): the claim decides.
+
+        On the session that heard it when it came alone (as _enqueue does):
+        no task to spawn and no pooled connection to check out before the
+        step. The claim then waits for the run's row at most
+        LISTENER_LOCK_TIMEOUT, and past that is made again on a pooled one.
+        """
         run_id = reserved.reserved_run_id(payload, self.id)
-        if run_id is not None:
+        if run_id is None:
+            return
+        claiming = self._claiming is not None and not self._claiming.done()
+        if (
+            session is None
+            or run_id in self._runs
+            or run_id in self._deciding
+            or claiming
+            or not self._free_slot()
+        ):
             self._on_reserved(run_id)
+            return
+        self._deciding.add(run_id)
+        token = self._lease.token()
+        try:
+            await self._claim_reserved(run_id, token, session)
+        except psycopg.errors.LockNotAvailable:
+            self._deciding.add(run_id)  # still deciding: on a pooled session now
+            self._spawn(self._claim_reserved(run_id, token))
 
     def _on_reserved(self, run_id: int) -> None:
         # Heard twice (the notification, and the look after a reconnect), or
@@ -539,13 +564,26 @@ class Worker:
         self._deciding.add(run_id)
         self._spawn(self._claim_reserved(run_id, self._lease.token()))
 
-    async def _claim_reserved(self, run_id: int, token: Token) -> None:
+    async def _claim_reserved(
+        self, run_id: int, token: Token, session: psycopg.AsyncConnection[Any] | None = None
+    ) -> None:
+        """Claim; with `session` (the listener's), within its lock budget."""
         # The steps as they are now, as in _claim_one.
         steps = self._steps
         first = {job: job_steps[0].name for job, job_steps in steps.items() if job_steps}
+        connect: reserved.Connect = (
+            self._connect if session is None else (lambda: nullcontext(session))
+        )
         try:
             run = await reserved.claim(
-                self.store, self._connect, self.log, self.id, run_id, self._claimable, first
+                self.store,
+                connect,
+                self.log,
+                self.id,
+                run_id,
+                self._claimable,
+                first,
+                lock_timeout=None if session is None else LISTENER_LOCK_TIMEOUT,
             )
         finally:
             self._deciding.discard(run_id)

@@ -61,3 +61,28 @@ def test_an_open_transaction_holding_a_key_does_not_stall_other_triggers(
     }
     assert daemon.stop() == 0
     assert_invariants(database_url)
+
+
+def test_a_reservation_whose_row_is_locked_is_claimed_off_the_listener(
+    database_url, tmp_path, start
+):
+    """The reserved run's claim runs on the listening session, within the
+    same lock budget: a row held by an open transaction sends it to a pooled
+    session, where it waits, while the listener goes on."""
+    from tests.test_reserved import _notify_reservation, _pending_run, _worker_id
+
+    # Two slots: the claim waiting for the row holds one.
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS, concurrency=2))
+    run_id = _pending_run(database_url, "solo", reserved_for=_worker_id(database_url, daemon))
+    with psycopg.connect(database_url) as app:
+        app.execute("SELECT 1 FROM syncworker.runs WHERE id = %s FOR UPDATE", (run_id,))
+        _notify_reservation(database_url, run_id)
+        execute(database_url, "NOTIFY sync_trigger, 'other'")
+        daemon.wait_for("run_succeeded", job="other", timeout=10)
+        assert _statuses(database_url, "solo") == ["pending"]
+        app.commit()
+    started = daemon.wait_for("run_started", run_id=run_id, timeout=10)
+    assert started["via"] == "reservation"
+    daemon.wait_for("run_succeeded", run_id=run_id)
+    assert daemon.stop() == 0
+    assert_invariants(database_url)
