@@ -63,18 +63,22 @@ class LineWriter:
         with contextlib.suppress(OSError, ValueError):
             stream.flush()  # what was written before goes first
         self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._queued = 0  # approximate: read and written under the GIL
+        self._queued = 0
+        self._count = threading.Lock()
         self._idle = threading.Event()
         self._idle.set()
         self._thread = threading.Thread(target=self._drain, name="syncworker-log", daemon=True)
         self._thread.start()
 
     def msg(self, message: str) -> None:
-        if self._queued >= QUEUE_LINES:
-            self.lost += 1
-            return
-        self._queued += 1
-        self._idle.clear()
+        # Counted under a lock: log calls come from several threads (steps'),
+        # and a lost update would creep up until every line was dropped.
+        with self._count:
+            if self._queued >= QUEUE_LINES:
+                self.lost += 1
+                return
+            self._queued += 1
+            self._idle.clear()
         self._queue.put(message)
 
     debug = info = warning = warn = error = critical = exception = fatal = log = failure = msg
@@ -97,10 +101,12 @@ class LineWriter:
             except (OSError, ValueError):
                 # Closed (ValueError: I/O on a closed file) or broken: these
                 # lines are gone; the next ones are tried again.
-                self.lost += len(batch)
-            self._queued -= len(batch)
-            if self._queued <= 0:
-                self._idle.set()
+                with self._count:
+                    self.lost += len(batch)
+            with self._count:
+                self._queued -= len(batch)
+                if self._queued <= 0:
+                    self._idle.set()
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)

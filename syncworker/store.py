@@ -9,6 +9,7 @@ worker that lost its run to orphan recovery cannot overwrite the outcome.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -638,8 +639,30 @@ class Store:
         return int(row[0])
 
     async def hold_liveness_lock(self, conn: psycopg.AsyncConnection[Any], lock_key: int) -> None:
-        """Take the session lock that tells other workers this one is alive."""
-        await conn.execute("SELECT pg_advisory_lock(%s, %s)", (self.lock_ns, lock_key))
+        """Take the session lock that tells other workers this one is alive.
+
+        Never waited for: after a partition the server may keep our old
+        listening session, and the lock with it, until its own keepalives
+        give up (hours by default). That session is ours and dead to us, so
+        it is ended, and the lock taken on this one.
+        """
+        for _ in range(50):
+            cur = await conn.execute(
+                "SELECT pg_try_advisory_lock(%s, %s)", (self.lock_ns, lock_key)
+            )
+            row = await cur.fetchone()
+            if row is not None and row[0]:
+                return
+            await conn.execute(
+                "SELECT pg_terminate_backend(l.pid) FROM pg_locks l"
+                " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+                " AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid"
+                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                " AND l.pid <> pg_backend_pid()",
+                (self.lock_ns, lock_key),
+            )
+            await asyncio.sleep(0.1)  # the ended session lets go of it
+        raise psycopg.OperationalError("could not take this worker's liveness lock back")
 
     async def heartbeat(
         self, conn: psycopg.AsyncConnection[Any], worker_id: str, state: str

@@ -66,6 +66,9 @@ POOL_CLOSE = 0.5
 # The longest a NOTIFY's enqueue waits for a lock while the listener waits
 # for it (see _enqueue). Two triggers of one key contend for milliseconds.
 LISTENER_LOCK_TIMEOUT = "50ms"
+# Deferred enqueues that may wait on locks at once, each holding a pooled
+# connection; the pool has 2 per slot and 2 more.
+DEFERRED_ENQUEUES = 2
 
 
 class Worker:
@@ -135,6 +138,12 @@ class Worker:
         self._lock_key: int | None = None
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._step_pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        # One release of untaken reservations at a time (_release_untaken).
+        self._releasing: asyncio.Future[None] | None = None
+        self._release_again = False
+        # Deferred enqueues waiting for a key's lock (see _enqueue): a few
+        # at a time, so NOTIFYs of locked keys cannot take the whole pool.
+        self._deferred = asyncio.Semaphore(DEFERRED_ENQUEUES)
         self._used_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
             weakref.WeakKeyDictionary()
         )
@@ -556,7 +565,7 @@ class Worker:
         if not self._free_slot():
             reason = "draining" if self._stopping.is_set() else "no free slot"
             self.log.debug("reservation_released", run_id=run_id, reason=reason)
-            self._spawn(self._release(only=run_id))
+            self._release_untaken()
             return
         # The slot is held from now: counted in _deciding until the claim
         # answers, then in _runs if it made the run ours. The lease's token
@@ -592,6 +601,30 @@ class Worker:
             self._wake.set()  # the slot it held is free again
             return
         self._start_run(run, steps[run.job], via="reservation", token=token)
+
+    def _release_untaken(self) -> None:
+        """Give back every reservation we are not taking, in one statement at
+        a time however many wakes asked: a flood of forged wakes while every
+        slot is busy must not queue a pooled statement each, ahead of the
+        heartbeat (its lease would lapse)."""
+        if self._releasing is not None and not self._releasing.done():
+            self._release_again = True
+            return
+        self._release_again = False
+        self._releasing = asyncio.ensure_future(self._release_all_untaken())
+
+    async def _release_all_untaken(self) -> None:
+        while True:
+            try:
+                async with self._connect() as conn:
+                    await self.store.release_reserved(
+                        conn, self.id, keep=[*self._runs, *self._deciding]
+                    )
+            except TRANSIENT as exc:
+                self.log.warning("release_failed", error=str(exc).strip().splitlines()[0])
+            if not self._release_again:
+                return
+            self._release_again = False
 
     async def _release(self, only: int | None = None) -> None:
         """Give back our reservations (all, or `only` one)."""
@@ -648,7 +681,7 @@ class Worker:
         except psycopg.errors.LockNotAvailable:
             # Nothing was written (the statement, or the transaction, failed).
             self.log.info("trigger_deferred", reason="its key is locked by an open transaction")
-            self._spawn(self._enqueue(None, requests, lock_timeout=None, claim=False))
+            self._spawn(self._enqueue_deferred(requests))
             return
         except psycopg.errors.InvalidParameterValue as exc:
             # trigger() refused it (the database's view of the jobs differs).
@@ -665,6 +698,10 @@ class Worker:
         # and may reserve the run for one, which a claim of ours would only
         # delay (claims pass reserved runs over).
         self.log.info("trigger_enqueued", runs=runs)
+
+    async def _enqueue_deferred(self, requests: Sequence[TriggerRequest]) -> None:
+        async with self._deferred:
+            await self._enqueue(None, requests, lock_timeout=None, claim=False)
 
     async def _enqueue_all(
         self,

@@ -212,7 +212,9 @@ def test_forged_wakes_cannot_run_a_key_twice_or_pass_concurrency(
     daemon.wait_for("run_started", run_id=hold)
     waiting = trigger(database_url, "tenants", "HOU")  # pending: the slot is taken
     flood = [_forgery(me, hold), _forgery(me, waiting)] * 50
-    flood += [_forgery(me, 10**9 + i) for i in range(500)]
+    # Enough that one statement each, ahead of the heartbeat's, would make
+    # the worker's lease lapse and stop its own run.
+    flood += [_forgery(me, 10**9 + i) for i in range(5000)]
     _send(intruder, flood)
     # A trigger sent after the flood, on the same session: the worker reads
     # notifications in order, so once it has enqueued this one it has acted
@@ -230,6 +232,7 @@ def test_forged_wakes_cannot_run_a_key_twice_or_pass_concurrency(
     )
     assert rows == [(hold, "running"), (waiting, "pending"), (probe, "pending")]
     assert [s["run_id"] for s in daemon.events("run_started")] == [hold]
+    assert not daemon.events("lease_lapsed") and not daemon.events("run_self_fenced")
     assert not out.exists()
     # The worker is fine: release the hold, and the queue runs as usual.
     with psycopg.connect(database_url, autocommit=True) as conn:

@@ -86,3 +86,62 @@ def test_a_reservation_whose_row_is_locked_is_claimed_off_the_listener(
     daemon.wait_for("run_succeeded", run_id=run_id)
     assert daemon.stop() == 0
     assert_invariants(database_url)
+
+
+def test_a_liveness_lock_held_by_a_stale_session_is_taken_back(database_url, tmp_path, start):
+    """After a partition the server may keep the worker's old listening
+    session, and its liveness lock, for hours: the reconnect ends that
+    session rather than wait for the lock."""
+    import threading
+
+    from tests.test_reserved import _worker_id
+
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    worker_id = _worker_id(database_url, daemon)
+    [(key,)] = query(
+        database_url, "SELECT lock_key FROM syncworker.workers WHERE id = %s", (worker_id,)
+    )
+    [(holder_pid, ns)] = query(
+        database_url,
+        "SELECT l.pid, l.classid::bigint FROM pg_locks l WHERE l.locktype = 'advisory'"
+        " AND l.granted AND l.objsubid = 2 AND l.objid = %s::bigint::oid"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        (key,),
+    )
+    # A session queued for the same lock stands in for the stale one: it
+    # gets the lock the moment the worker's session is cut.
+    stale = psycopg.connect(database_url, autocommit=True)
+    queued = threading.Thread(
+        target=lambda: stale.execute("SELECT pg_advisory_lock(%s::int, %s)", (ns, key)),
+        daemon=True,
+    )
+    queued.start()
+    wait_until(
+        lambda: (
+            query(
+                database_url,
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND objid = %s::bigint::oid",
+                (key,),
+            )
+            == [(1,)]
+        ),
+        what="the stand-in queued for the lock",
+    )
+    execute(database_url, "SELECT pg_terminate_backend(%s)", (holder_pid,))
+    daemon.wait_for("db_reconnected", timeout=20)
+    queued.join(10)
+    # The lock is the worker's new session's; the stand-in was ended.
+    holders = query(
+        database_url,
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2"
+        " AND objid = %s::bigint::oid"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        (key,),
+    )
+    assert len(holders) == 1 and holders[0][0] not in (holder_pid, stale.info.backend_pid)
+    stale.close()
+    run_id = __import__("tests.invariants", fromlist=["trigger"]).trigger(database_url, "solo")
+    daemon.wait_for("run_succeeded", run_id=run_id)
+    assert daemon.stop() == 0
+    assert_invariants(database_url)

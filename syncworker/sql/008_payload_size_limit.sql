@@ -5,7 +5,8 @@
 -- document meant for a table) that would make every run of the key slow
 -- or failing, so it is refused where it comes in, with a message naming
 -- the limit. The check runs before insert (trigger() and every other
--- path) and WHEN only payloads that are not small are measured.
+-- path) and WHEN only payloads that are not small, or arrive compressed
+-- (a value read from a table), are measured.
 
 CREATE FUNCTION __SCHEMA__.refuse_large_payload() RETURNS trigger
 LANGUAGE plpgsql
@@ -27,5 +28,6 @@ REVOKE EXECUTE ON FUNCTION __SCHEMA__.refuse_large_payload() FROM PUBLIC;
 
 CREATE TRIGGER runs_payload_size_limit
     BEFORE INSERT OR UPDATE OF payload ON __SCHEMA__.runs
-    FOR EACH ROW WHEN (pg_column_size(NEW.payload) > 65536)
+    FOR EACH ROW WHEN (pg_column_size(NEW.payload) > 65536
+                       OR pg_column_compression(NEW.payload) IS NOT NULL)
     EXECUTE FUNCTION __SCHEMA__.refuse_large_payload();
