@@ -15,7 +15,7 @@ import socket
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -1331,24 +1331,24 @@ class Worker:
 
     # -- helpers -----------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _connect(
+    def _connect(
         self, timeout: float | None = None
-    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    ) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        """One of the worker's own connections."""
         assert self._pool is not None
-        async with self._pool.connection(timeout=timeout) as conn:
-            try:
-                yield conn
-            except BaseException:
-                self._used_at.pop(conn, None)
-                raise
-            self._used_at[conn] = time.monotonic()
+        return self._lend(self._pool, timeout)
 
-    @asynccontextmanager
-    async def _step_connect(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    def _step_connect(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
         """A connection for a step (steppool.py): never one of the worker's own."""
         assert self._step_pool is not None
-        async with self._step_pool.connection() as conn:
+        return self._lend(self._step_pool, None)
+
+    @asynccontextmanager
+    async def _lend(
+        self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]], timeout: float | None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """From `pool`, noting when it was last used well (_check_connection)."""
+        async with pool.connection(timeout=timeout) as conn:
             try:
                 yield conn
             except BaseException:
