@@ -44,11 +44,6 @@ _CONFIG_MESSAGES = re.compile(
 )
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def config_problem(exc: BaseException) -> str | None:
     """The server's reason when `exc` says the connection settings are wrong
     (retrying cannot help); None for an outage or anything else."""
@@ -59,7 +54,3 @@ def config_problem(exc: BaseException) -> str | None:
     if found is None:
         return None
     return " ".join(text[found.start() :].split())
-
-
-def is_read_only(exc: BaseException) -> bool:
-    return isinstance(exc, psycopg.errors.ReadOnlySqlTransaction)

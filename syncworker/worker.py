@@ -626,15 +626,6 @@ class Worker:
                 return
             self._release_again = False
 
-    async def _release(self, only: int | None = None) -> None:
-        """Give back our reservations (all, or `only` one)."""
-        try:
-            async with self._connect() as conn:
-                await self.store.release_reserved(conn, self.id, only=only)
-        except TRANSIENT as exc:
-            # Kept until we reconnect (released then) or are judged gone.
-            self.log.warning("release_failed", error=str(exc).strip().splitlines()[0])
-
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
