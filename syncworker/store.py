@@ -621,14 +621,19 @@ class Store:
         hostname: str,
         pid: int,
         version: str,
+        *,
+        takeover_after: float,
+        stale_after: float,
     ) -> int:
-        """Insert this worker's row; returns its lock key."""
+        """Insert this worker's row, with the silences after which peers may
+        take its runs (sql/009); returns its lock key."""
         cur = await conn.execute(
             self._compose(
-                "INSERT INTO {s}.workers (id, hostname, pid, version, state)"
-                " VALUES (%s, %s, %s, %s, 'starting') RETURNING lock_key"
+                "INSERT INTO {s}.workers"
+                " (id, hostname, pid, version, state, takeover_after, stale_after)"
+                " VALUES (%s, %s, %s, %s, 'starting', %s, %s) RETURNING lock_key"
             ),
-            (worker_id, hostname, pid, version),
+            (worker_id, hostname, pid, version, takeover_after, stale_after),
         )
         row = await cur.fetchone()
         assert row is not None
@@ -1050,13 +1055,18 @@ WHERE id = %(id)s
 # judged (recover_orphans), its liveness lock free or its heartbeat stale.
 # Either way its heartbeat must be `takeover` old, by this database's clock
 # as it was written: until then the worker's lease may hold and its steps run
-# (lease.py; README "Self-fencing").
+# (lease.py; README "Self-fencing"). `takeover` and `stale` are the judged
+# worker's own, from its row (sql/009): its lease is as long as its interval
+# says, whatever the judge's; a row without them (an earlier version) is
+# judged by the judge's.
 _GONE = """(w.id IS NULL
            OR w.state = 'stopped'
            OR %(judge)s
               AND pg_postmaster_start_time() < now() - make_interval(secs => %(grace)s)
-              AND w.heartbeat_at < now() - make_interval(secs => %(takeover)s)
-              AND (w.heartbeat_at < now() - make_interval(secs => %(stale)s)
+              AND w.heartbeat_at < now() - make_interval(
+                  secs => coalesce(w.takeover_after, %(takeover)s))
+              AND (w.heartbeat_at < now() - make_interval(
+                       secs => coalesce(w.stale_after, %(stale)s))
                    OR NOT EXISTS (
                        SELECT 1 FROM pg_locks l
                        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2

@@ -319,7 +319,13 @@ class Worker:
                     self._job_info = self._make_job_info()
                     sent = time.monotonic()
                     self._lock_key = await self.store.register_worker(
-                        conn, self.id, socket.gethostname(), os.getpid(), VERSION
+                        conn,
+                        self.id,
+                        socket.gethostname(),
+                        os.getpid(),
+                        VERSION,
+                        takeover_after=self._lease.timing.takeover_after,
+                        stale_after=self._lease.timing.stale_after,
                     )
                     self._lease.renew(sent, time.monotonic())  # its heartbeat_at is now()
                     await self._offer(conn)

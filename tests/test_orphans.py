@@ -79,3 +79,48 @@ def test_a_stopped_peer_is_taken_back_at_once(orphan):
     execute(url, "UPDATE syncworker.workers SET state = 'stopped' WHERE id = 'peer'")
     taken = _recover(url, judge_peers=False, peer_grace=0.0)
     assert [r["id"] for r in taken] == [run_id]
+
+
+def test_a_peer_is_judged_by_its_own_takeover_after(orphan):
+    """A peer states in its row how long its runs stay its own (sql/009);
+    a judge with a shorter interval of its own waits that long."""
+    url, run_id = orphan
+    execute(
+        url,
+        "UPDATE syncworker.workers SET takeover_after = 120, stale_after = 450,"
+        " heartbeat_at = now() - interval '60 seconds' WHERE id = 'peer'",
+    )
+    assert _recover(url, judge_peers=True, peer_grace=0.0) == []
+    assert _status(url, run_id) == ("running", None)
+    execute(
+        url,
+        "UPDATE syncworker.workers SET heartbeat_at = now() - interval '130 seconds'"
+        " WHERE id = 'peer'",
+    )
+    taken = _recover(url, judge_peers=True, peer_grace=0.0)
+    assert [r["id"] for r in taken] == [run_id]
+
+
+def test_a_peer_holding_its_lock_is_judged_by_its_own_stale_after(orphan):
+    url, run_id = orphan
+    execute(
+        url,
+        "UPDATE syncworker.workers SET takeover_after = 1, stale_after = 450,"
+        " heartbeat_at = now() - interval '60 seconds' WHERE id = 'peer'",
+    )
+
+    async def go() -> list[dict[str, Any]]:
+        store = Store("syncworker", "sync_events")
+        async with (
+            await psycopg.AsyncConnection.connect(url, autocommit=True) as holder,
+            await psycopg.AsyncConnection.connect(url, autocommit=True) as judge,
+        ):
+            [(key,)] = await (
+                await holder.execute("SELECT lock_key FROM syncworker.workers WHERE id = 'peer'")
+            ).fetchall()
+            await store.hold_liveness_lock(holder, key)
+            # By the judge's own stale_after (30 s) the peer would be gone.
+            return await store.recover_orphans(judge, "me", 30.0, [], judge_peers=True)
+
+    assert asyncio.run(go()) == []
+    assert _status(url, run_id) == ("running", None)

@@ -307,3 +307,34 @@ def test_a_payload_never_goes_out_on_the_wake_channel(database_url, tmp_path, st
                 break
     assert heard[-1:] == ["solo"] and not any("s3cr3t-value" in p for p in heard), heard
     assert daemon.stop() == 0
+
+
+def test_no_reservation_for_a_frozen_worker(database_url, tmp_path, start):
+    """A frozen worker (SIGSTOP) keeps its lock, so the lock test passes; its
+    heartbeat older than its own takeover_after (0.8 s here) is what tells."""
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    worker_id = _idle(database_url, daemon)
+    daemon.signal(signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: (
+                query(
+                    database_url,
+                    "SELECT now() - heartbeat_at > make_interval(secs => takeover_after)"
+                    " FROM syncworker.workers WHERE id = %s",
+                    (worker_id,),
+                )
+                == [(True,)]
+            ),
+            what="the frozen worker's heartbeat older than its takeover_after",
+        )
+        run_id = trigger(database_url, "solo")
+        assert _status(database_url, run_id) == ("pending", None, None)
+    finally:
+        daemon.signal(signal.SIGCONT)
+    # Thawed, it claims the run like any other, not from a reservation.
+    started = daemon.wait_for("run_started", run_id=run_id)
+    assert started["via"] != "reservation"
+    wait_until(lambda: _status(database_url, run_id)[0] == "succeeded", what="run succeeded")
+    assert daemon.stop() == 0
+    assert_invariants(database_url)

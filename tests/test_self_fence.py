@@ -293,3 +293,30 @@ def test_the_watchdog_kills_what_it_watches_when_its_worker_goes_away() -> None:
         assert proc.wait(timeout=5) == -signal.SIGKILL
     finally:
         proc.kill()
+
+
+def test_a_peer_with_a_shorter_interval_waits_for_the_frozen_workers_own_lease(
+    database_url: str, tmp_path: Path, start
+) -> None:
+    """A 0.5 s worker beside a 6 s one: the slow one's lease is 3.6 s, so a
+    1.5 s freeze must not let the fast one take its run (by its own interval
+    it would after 1.5 s of silence), and the slow one finishes it alone."""
+    slow = start(write_config(tmp_path / "slow.toml", database_url, JOBS, heartbeat_interval=6))
+    ticks = tmp_path / "ticks"
+    run_id = trigger(database_url, "plain_step", None, file=str(ticks), first=4, then=1)
+    wait_until(lambda: ticks.exists() and ticks.stat().st_size > 0, what="the step ticking")
+    fast = start(write_config(tmp_path / "fast.toml", database_url, JOBS, heartbeat_interval=0.5))
+    fast.wait_for("worker_started", timeout=15)
+    slow.signal(signal.SIGSTOP)
+    try:
+        time.sleep(1.5)
+    finally:
+        slow.signal(signal.SIGCONT)
+    slow.wait_for("run_succeeded", run_id=run_id, timeout=15)
+    assert fast.events("run_recovered") == []
+    spans = intervals(ticks)
+    assert {attempt for _, attempt in spans} == {1}, spans
+    assert slow.events("lease_lapsed") == []
+    for w in (fast, slow):
+        assert w.stop() == 0
+    assert_invariants(database_url)

@@ -1,0 +1,167 @@
+-- syncworker schema, version 9: each worker states how long its runs are
+-- its own, and is judged by that, not by the judge's settings.
+--
+-- A worker's lease on its runs lasts 0.6 x its own heartbeat_interval, and
+-- peers took its runs over after 0.8 x *their* heartbeat_interval of silence.
+-- With different intervals on two instances (a 1 s worker beside a 30 s one)
+-- the fast one took the slow one's runs while their steps still ran. Now each
+-- worker writes its takeover_after and stale_after (seconds, from its own
+-- lease) into its row and every judge (orphan recovery, clearing
+-- reservations) reads them from there; a row without them (a worker of an
+-- earlier version) is judged by the judge's own, as before.
+--
+-- trigger() also no longer reserves a run for a worker whose heartbeat is
+-- older than its takeover_after: it holds its lock (frozen, SIGSTOP), so
+-- the lock test passed, but it would not claim the run until a peer cleared
+-- the reservation.
+
+ALTER TABLE __SCHEMA__.workers
+    ADD COLUMN takeover_after double precision,
+    ADD COLUMN stale_after double precision;
+
+-- Version 7's trigger(), reserving only for workers whose heartbeat is
+-- fresher than their takeover_after. CREATE OR REPLACE keeps the grants of 002.
+CREATE OR REPLACE FUNCTION __SCHEMA__.trigger(
+    job           text,
+    scope         text DEFAULT NULL,
+    source        text DEFAULT 'sql',
+    triggered_by  text DEFAULT current_user,
+    payload       jsonb DEFAULT '{}',
+    scheduled_for timestamptz DEFAULT NULL
+) RETURNS TABLE (run_id bigint, created boolean)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    j          __SCHEMA__.jobs%ROWTYPE;
+    one_scope  text;
+    scope_list text[];
+    reservable boolean;
+    candidate  record;
+    taker      text;
+BEGIN
+    IF trigger.job IS NULL THEN
+        RAISE EXCEPTION 'syncworker: job must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    SELECT * INTO j FROM __SCHEMA__.jobs WHERE name = trigger.job;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'syncworker: unknown job %', quote_literal(trigger.job)
+            USING ERRCODE = '22023',
+                  HINT = 'known jobs: ' || coalesce(
+                      (SELECT string_agg(name, ', ' ORDER BY name) FROM __SCHEMA__.jobs), 'none');
+    END IF;
+    IF NOT j.enabled THEN
+        RAISE EXCEPTION 'syncworker: job % is disabled', quote_literal(j.name) USING ERRCODE = '22023';
+    END IF;
+    IF trigger.payload IS NULL OR jsonb_typeof(trigger.payload) <> 'object' THEN
+        RAISE EXCEPTION 'syncworker: payload must be a JSON object' USING ERRCODE = '22023';
+    END IF;
+
+    IF j.scopes IS NULL THEN
+        IF trigger.scope IS NOT NULL THEN
+            RAISE EXCEPTION 'syncworker: job % has no scopes, but scope % was given',
+                quote_literal(j.name), quote_literal(trigger.scope) USING ERRCODE = '22023';
+        END IF;
+        scope_list := ARRAY[NULL::text];
+    ELSIF trigger.scope IS NULL THEN
+        scope_list := j.scopes;
+    ELSIF trigger.scope = ANY (j.scopes) THEN
+        scope_list := ARRAY[trigger.scope];
+    ELSE
+        RAISE EXCEPTION 'syncworker: unknown scope % for job %',
+            quote_literal(trigger.scope), quote_literal(j.name)
+            USING ERRCODE = '22023', HINT = 'scopes: ' || array_to_string(j.scopes, ', ');
+    END IF;
+
+    reservable := cardinality(scope_list) = 1 AND trigger.payload = '{}'::jsonb
+        AND current_setting('transaction_isolation') = 'read committed';
+
+    FOREACH one_scope IN ARRAY scope_list LOOP
+        IF j.on_overlap = 'skip' AND EXISTS (
+            SELECT 1 FROM __SCHEMA__.runs r
+            WHERE r.job = j.name AND r.scope IS NOT DISTINCT FROM one_scope AND r.status = 'running'
+        ) THEN
+            INSERT INTO __SCHEMA__.runs AS r
+                (job, scope, status, source, triggered_by, payload, scheduled_for,
+                 finished_at, duration_ms, max_attempts, error)
+            VALUES (j.name, one_scope, 'skipped', trigger.source, trigger.triggered_by,
+                    trigger.payload, trigger.scheduled_for, now(), 0, j.retries + 1,
+                    'skipped: a run of this key was running (on_overlap = skip)')
+            RETURNING r.id, true INTO run_id, created;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+
+        -- One run, without a payload (its notification goes out on a channel
+        -- any role may LISTEN to), of a key with nothing pending or running:
+        -- reserved for a live worker that runs the job with a slot free,
+        -- counting the runs it has and those reserved for it, the least busy
+        -- first. The key's lock first: the reads below decide the write.
+        taker := NULL;
+        IF reservable THEN
+            PERFORM pg_advisory_xact_lock(
+                (__LOCK_NS__)::bigint << 32
+                | (hashtext(j.name || E'\x1f' || coalesce(one_scope, '')) & 4294967295));
+        END IF;
+        IF reservable AND NOT EXISTS (
+            SELECT 1 FROM __SCHEMA__.runs r
+            WHERE r.job = j.name AND coalesce(r.scope, '') = coalesce(one_scope, '')
+              AND r.status = 'running'
+        ) AND NOT EXISTS (
+            SELECT 1 FROM __SCHEMA__.runs r
+            WHERE r.job = j.name AND coalesce(r.scope, '') = coalesce(one_scope, '')
+              AND r.status = 'pending'
+        ) THEN
+            FOR candidate IN
+                SELECT w.id, w.lock_key FROM __SCHEMA__.workers w
+                WHERE w.state IN ('idle', 'running') AND w.first_steps ? j.name
+                  AND w.reserve_by_id
+                  -- Not one that has been silent long enough to be taken over.
+                  AND (w.takeover_after IS NULL
+                       OR w.heartbeat_at > now() - make_interval(secs => w.takeover_after))
+                  AND w.concurrency > (
+                      SELECT count(*) FROM __SCHEMA__.runs r
+                      WHERE r.worker_id = w.id AND r.status = 'running')
+                    + (SELECT count(*) FROM __SCHEMA__.runs r
+                       WHERE r.reserved_for = w.id AND r.status = 'pending')
+                ORDER BY w.state <> 'idle', w.heartbeat_at DESC
+                LIMIT 3
+            LOOP
+                -- Alive: its session holds the liveness lock exclusively, so
+                -- a shared try fails (and one that succeeds is let go at once).
+                IF pg_try_advisory_lock_shared(__LOCK_NS__, candidate.lock_key) THEN
+                    PERFORM pg_advisory_unlock_shared(__LOCK_NS__, candidate.lock_key);
+                    CONTINUE;
+                END IF;
+                taker := candidate.id;
+                EXIT;
+            END LOOP;
+        END IF;
+
+        INSERT INTO __SCHEMA__.runs AS r
+            (job, scope, status, source, triggered_by, payload, scheduled_for, max_attempts,
+             reserved_for)
+        VALUES (j.name, one_scope, 'pending', trigger.source, trigger.triggered_by,
+                trigger.payload, trigger.scheduled_for, j.retries + 1, taker)
+        ON CONFLICT (job, (coalesce(scope, ''))) WHERE status = 'pending'
+        DO UPDATE SET triggers = r.triggers + 1,
+                      scheduled_for = coalesce(r.scheduled_for, excluded.scheduled_for)
+        RETURNING r.id, (r.xmax = 0) INTO run_id, created;
+        RETURN NEXT;
+
+        IF taker IS NOT NULL AND created THEN
+            -- A new run: its fields are the ones just inserted.
+            -- Only whom it is for and which run: the worker reads the rest
+            -- from the row its claim returns.
+            PERFORM pg_notify(__WAKE__, json_build_object(
+                'reserved_for', taker, 'id', run_id)::text);
+            RETURN;
+        END IF;
+    END LOOP;
+
+    -- Delivered at commit: workers wake only once the runs are visible.
+    PERFORM pg_notify(__WAKE__, j.name);
+END
+$fn$;
