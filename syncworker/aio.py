@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 
@@ -36,3 +37,54 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], again_after: float
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=again_after)
+
+
+class InFlight:
+    """How many operations of one kind are under way, and a wait for none.
+
+    For work that cannot be cancelled halfway without losing what it did
+    (a claim whose commit makes a run ours): a stop waits for it instead.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._none = asyncio.Event()
+        self._none.set()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def start(self) -> Callable[[], None]:
+        """Count one from now (not from when a task spawned for it first
+        runs); the returned function ends it, once however often called."""
+        self._count += 1
+        self._none.clear()
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            self._count -= 1
+            if self._count == 0:
+                self._none.set()
+
+        return end
+
+    def follow(self, future: asyncio.Future[Any]) -> None:
+        """Count one from now until `future` is done."""
+        end = self.start()
+        future.add_done_callback(lambda _: end())
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        end = self.start()
+        try:
+            yield
+        finally:
+            end()
+
+    async def settled(self) -> None:
+        """Return once nothing is in flight."""
+        await self._none.wait()

@@ -14,7 +14,7 @@ import secrets
 import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from types import TracebackType
@@ -26,7 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 from structlog.typing import FilteringBoundLogger
 
 from syncworker import reserved, runtime, schedule, systemd
-from syncworker.aio import cancel_and_wait, wait_event
+from syncworker.aio import InFlight, cancel_and_wait, wait_event
 from syncworker.config import ConfigError, JobConfig, Settings
 from syncworker.dbclock import DbClock
 from syncworker.dberrors import TRANSIENT, TRANSIENT_OR_TIMEOUT, config_problem
@@ -161,6 +161,9 @@ class Worker:
         # trigger_and_claim() calls in flight that may claim a run for us:
         # each holds a slot, as a claim in flight does.
         self._starting = 0
+        # Every claim from the moment it is decided until its run (if any) is
+        # in _runs: a stop waits for them before the drain looks (_serve).
+        self._claims = InFlight()
         # Proof that no peer may take our runs over yet (lease.py); renewed
         # by each heartbeat write, and checked by the runs' steps.
         self._lease = Lease(LeaseTiming(settings.heartbeat_interval))
@@ -282,6 +285,7 @@ class Worker:
             if await self._start():
                 await self._serve()
         finally:
+            await self._settle_claims()  # as _serve does, when it did not end normally
             await self._drain()
             self._lease.close()
             await self._mark_stopped()
@@ -392,8 +396,9 @@ class Worker:
             # Stop taking new work; the listener stays up while runs drain
             # because its session holds the lock that marks this worker alive.
             await cancel_and_wait([scheduler, executor, reloader, pruner])
-            if self._claiming is not None:  # a claim in flight becomes a run to drain
-                await asyncio.gather(self._claiming, return_exceptions=True)
+            # A claim in flight becomes a run to drain: no claim may answer
+            # after the drain looked, and none begins now (_free_slot).
+            await self._settle_claims()
             await self._drain()
             await cancel_and_wait([listener, heartbeat, watchdog])
 
@@ -528,11 +533,12 @@ class Worker:
             return
         self._deciding.add(run_id)
         token = self._lease.token()
-        try:
-            await self._claim_reserved(run_id, token, session)
-        except psycopg.errors.LockNotAvailable:
-            self._deciding.add(run_id)  # still deciding: on a pooled session now
-            self._spawn(self._claim_reserved(run_id, token))
+        with self._claims.track():
+            try:
+                await self._claim_reserved(run_id, token, session)
+            except psycopg.errors.LockNotAvailable:
+                self._deciding.add(run_id)  # still deciding: on a pooled session now
+                self._claims.follow(self._spawn(self._claim_reserved(run_id, token)))
 
     def _on_reserved(self, run_id: int) -> None:
         # Heard twice (the notification, and the look after a reconnect), or
@@ -577,7 +583,7 @@ class Worker:
         # answers, then in _runs if it made the run ours. The lease's token
         # is taken before the claim is sent: it must hold from then on.
         self._deciding.add(run_id)
-        self._spawn(self._claim_reserved(run_id, self._lease.token()))
+        self._claims.follow(self._spawn(self._claim_reserved(run_id, self._lease.token())))
 
     async def _claim_reserved(
         self, run_id: int, token: Token, session: psycopg.AsyncConnection[Any] | None = None
@@ -632,10 +638,11 @@ class Worker:
                 return
             self._release_again = False
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _offer(self, conn: psycopg.AsyncConnection[Any]) -> None:
         first = {job: steps[0].name for job, steps in self._steps.items() if steps}
@@ -738,23 +745,24 @@ class Worker:
         token = self._lease.token()
         self._starting += first is not None
         try:
-            made = await self.store.trigger_and_claim(
-                conn,
-                self.id,
-                first,
-                req.job,
-                req.scope,
-                source=req.source,
-                triggered_by=req.triggered_by,
-                payload=req.payload,
-                lock_timeout=lock_timeout,
-            )
+            with self._claims.track() if first is not None else nullcontext():
+                made = await self.store.trigger_and_claim(
+                    conn,
+                    self.id,
+                    first,
+                    req.job,
+                    req.scope,
+                    source=req.source,
+                    triggered_by=req.triggered_by,
+                    payload=req.payload,
+                    lock_timeout=lock_timeout,
+                )
+                claimed_runs = [claimed for _, _, claimed in made if claimed is not None]
+                if job_steps:  # set whenever a run was claimed: `first` needs it
+                    for run in claimed_runs:
+                        self._start_run(run, job_steps, via="trigger", token=token)
         finally:
             self._starting -= first is not None
-        claimed_runs = [claimed for _, _, claimed in made if claimed is not None]
-        if job_steps:  # set whenever a run was claimed: `first` needs it
-            for run in claimed_runs:
-                self._start_run(run, job_steps, via="trigger", token=token)
         if first is not None and not claimed_runs:
             self._wake.set()  # the slot it held is free again
         if claimed_runs:
@@ -887,6 +895,7 @@ class Worker:
                 # Shielded: a stop arriving between the claim's commit and the
                 # run's start must not leave a claimed run that nobody runs.
                 self._claiming = asyncio.ensure_future(self._claim_one())
+                self._claims.follow(self._claiming)
                 if not await asyncio.shield(self._claiming):
                     break
 
@@ -957,9 +966,7 @@ class Worker:
         """Wait for in-flight runs up to drain_timeout (or a second signal), then
         cancel the rest; each cancelled run puts itself back to pending. Steps
         abandoned meanwhile are waited for until the same deadline."""
-        if self._drain_deadline is None:  # once: run() drains again on its way out
-            self._drain_deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout
-        deadline = self._drain_deadline
+        deadline = self._drain_by()  # once: run() drains again on its way out
         tasks = set(self._runs.values())
         if tasks:
             gathered: asyncio.Future[Any] = asyncio.gather(*tasks, return_exceptions=True)
@@ -974,6 +981,27 @@ class Worker:
                 await cancel_and_wait(leftover)
             await gathered
         await self._drain_abandoned(deadline)
+
+    async def _settle_claims(self) -> None:
+        """Wait, until the drain's deadline, for every claim decided before
+        the stop, so each run it made ours is in _runs for the drain. One
+        still unanswered then is cancelled (the listener's with the listener):
+        if it committed, the run is ours in the table with nothing running
+        it, and peers take it back as soon as we are marked stopped."""
+        if not len(self._claims):
+            return
+        settled = asyncio.ensure_future(self._claims.settled())
+        await self._until_forced({settled}, self._drain_by())
+        if not settled.done():
+            settled.cancel()
+            self.log.warning("claims_abandoned", claims=len(self._claims))
+            await cancel_and_wait(list(self._background))
+
+    def _drain_by(self) -> float:
+        """The drain's deadline, set once, at its first use after the stop."""
+        if self._drain_deadline is None:
+            self._drain_deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout
+        return self._drain_deadline
 
     async def _until_forced(self, futures: set[asyncio.Future[Any]], deadline: float) -> None:
         """Wait for all of `futures` until `deadline` or a second signal."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 import psycopg
 
@@ -337,4 +338,40 @@ def test_no_reservation_for_a_frozen_worker(database_url, tmp_path, start):
     assert started["via"] != "reservation"
     wait_until(lambda: _status(database_url, run_id)[0] == "succeeded", what="run succeeded")
     assert daemon.stop() == 0
+    assert_invariants(database_url)
+
+
+def test_a_claim_in_flight_at_the_stop_is_answered_before_the_drain(database_url, tmp_path, start):
+    """A reservation's claim waiting on the run's row when SIGTERM comes: the
+    stop waits for its answer, and the run it made ours is drained (run to
+    its end) before the worker says it stopped, not left `running` under a
+    stopped worker by a statement that commits after the exit."""
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    worker_id = _idle(database_url, daemon)
+    run_id = _pending_run(database_url, "solo", reserved_for=worker_id)
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT 1 FROM syncworker.runs WHERE id = %s FOR UPDATE", (run_id,))
+        _notify_reservation(database_url, run_id)
+        # The listener's claim gives up on the row lock (50 ms) and goes on
+        # waiting on a pooled connection.
+        wait_until(
+            lambda: (
+                query(
+                    database_url,
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND query LIKE '%%reserved_for%%'",
+                )
+                != [(0,)]
+            ),
+            what="the claim waiting for the run's row",
+        )
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_for("drain_started")
+        time.sleep(0.5)
+    # The holder's transaction ends: the claim answers.
+    assert daemon.wait_exit(30) == 0
+    names = [r.get("event") for r in daemon.records]
+    assert "run_started" in names
+    assert names.index("run_started") < names.index("worker_stopped")
+    assert _status(database_url, run_id) == ("succeeded", None, worker_id)
     assert_invariants(database_url)
