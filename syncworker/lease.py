@@ -18,9 +18,10 @@ Each run gets a `Token`; its steps check it:
 - async code: `guard(coro, token)` checks it at every resumption of the
   step's coroutine (so also the first one after a SIGCONT) and throws
   CancelledError into the step when lapsed;
-- plain-thread code: `token.install_in_thread()`, called inside the step's
-  thread, sets a profile hook that raises `LeaseLapsed` at the thread's next
-  call or return once lapsed (a step that catches BaseException defeats it);
+- plain-thread code: `token.install_in_thread(stop)`, called inside the
+  step's thread, sets a profile hook that raises `LeaseLapsed` at the
+  thread's next call or return once lapsed, and `StepStopped` once its run
+  gave the step up (a step that catches BaseException defeats it);
 - processes (command steps, and any child a step runtime starts):
   `token.watch(pid)` hands the process group to a watchdog process that is
   not frozen with the worker and kills the group with SIGKILL when the
@@ -91,9 +92,25 @@ class LeaseTiming:
         return self.takeover_after - self.self_fence_after
 
 
-class LeaseLapsed(BaseException):
-    """Raised into a plain-thread step once its run's lease lapsed. A
-    BaseException, so that a step's `except Exception` does not swallow it."""
+class StepStopped(BaseException):
+    """Raised into a plain-thread step its run gave up (a timeout, a drain,
+    a second signal). A BaseException, so that a step's `except Exception`
+    does not swallow it."""
+
+
+class LeaseLapsed(StepStopped):
+    """Raised into a plain-thread step once its run's lease lapsed."""
+
+
+class Stop:
+    """The worker's request that one step stop: set when its run gives it up
+    and goes on without it (steps.py abandons it), read by the step's thread
+    hook and async guard, which raise into it from then on."""
+
+    __slots__ = ("asked",)
+
+    def __init__(self) -> None:
+        self.asked = False
 
 
 class Lease:
@@ -182,13 +199,14 @@ class Token:
         epoch, expires = self._lease._state
         return epoch == self._epoch and time.monotonic() < expires
 
-    def install_in_thread(self) -> None:
+    def install_in_thread(self, stop: Stop | None = None) -> None:
         """Make the calling thread raise LeaseLapsed at its next Python call,
-        return or C call once this token is no longer valid.
+        return or C call once this token is no longer valid, and StepStopped
+        once `stop` is asked.
 
         It runs at every such event, so it is kept to a read of the lease's
-        state and of the clock (measured in tests/test_self_fence.py)."""
-        lease, epoch = self._lease, self._epoch
+        state, of the clock and of `stop` (measured in tests/test_self_fence.py)."""
+        lease, epoch, stop = self._lease, self._epoch, stop or Stop()
 
         def hook(
             frame: FrameType, event: str, arg: Any, _now: Callable[[], float] = time.monotonic
@@ -196,6 +214,8 @@ class Token:
             state = lease._state
             if state[0] != epoch or _now() >= state[1]:
                 raise LeaseLapsed("the worker could not confirm its ownership of the run")
+            if stop.asked:
+                raise StepStopped("the run gave this step up")
 
         sys.setprofile(hook)
 
@@ -275,13 +295,13 @@ class _Watchdog:
 current: ContextVar[Token | None] = ContextVar("syncworker_lease_token", default=None)
 
 
-def guard(coro: Awaitable[T], token: Token | None) -> Awaitable[T]:
-    """`coro`, but every resumption first checks `token`: once it is not
-    valid, CancelledError is thrown into the step instead, again at each
-    resumption for as long as the step goes on."""
+def guard(coro: Awaitable[T], token: Token | None, stop: Stop | None = None) -> Awaitable[T]:
+    """`coro`, but every resumption first checks `token` and `stop`: once the
+    token is not valid or a stop is asked, CancelledError is thrown into the
+    step instead, again at each resumption for as long as the step goes on."""
     if token is None:
         return coro
-    return _guarded(_Guarded(coro.__await__(), token))
+    return _guarded(_Guarded(coro.__await__(), token, stop or Stop()))
 
 
 async def _guarded(awaitable: _Guarded[T]) -> T:
@@ -289,16 +309,17 @@ async def _guarded(awaitable: _Guarded[T]) -> T:
 
 
 class _Guarded(Generator[Any, Any, T]):
-    def __init__(self, coro: Generator[Any, Any, T], token: Token) -> None:
+    def __init__(self, coro: Generator[Any, Any, T], token: Token, stop: Stop) -> None:
         self._coro = coro
         self._token = token
+        self._stop = stop
         self._fenced = False
 
     def __await__(self) -> Generator[Any, Any, T]:
         return self
 
     def send(self, value: Any) -> Any:
-        if not self._token.valid():
+        if self._stop.asked or not self._token.valid():
             return self._fence()
         return self._coro.send(value)
 
@@ -308,7 +329,7 @@ class _Guarded(Generator[Any, Any, T]):
         val: BaseException | object = None,
         tb: TracebackType | None = None,
     ) -> Any:
-        if not self._token.valid():
+        if self._stop.asked or not self._token.valid():
             return self._fence()
         if isinstance(typ, BaseException):
             return self._coro.throw(typ)
@@ -320,9 +341,10 @@ class _Guarded(Generator[Any, Any, T]):
 
     def _fence(self) -> Any:
         self._fenced = True
+        why = "given up" if self._stop.asked else "lease lapsed"
         try:
-            return self._coro.throw(asyncio.CancelledError("lease lapsed"))
+            return self._coro.throw(asyncio.CancelledError(why))
         except StopIteration:
             # It swallowed the cancellation and returned: what it did after
             # the lapse is not an outcome of the run.
-            raise asyncio.CancelledError("lease lapsed") from None
+            raise asyncio.CancelledError(why) from None

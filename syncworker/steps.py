@@ -136,10 +136,12 @@ async def _run_as_task(fn: Callable[[SyncContext], Any], ctx: SyncContext, name:
         except SystemExit as exc:
             raise _exit_failure(exc) from None
 
+    stop = lease.Stop()
+
     async def fenced() -> None:
         # The lease is checked at every resumption of the step itself, on
         # its own task: the run's task resuming is not the step resuming.
-        await lease.guard(guarded(), lease.current.get())
+        await lease.guard(guarded(), lease.current.get(), stop)
 
     inner = asyncio.ensure_future(fenced())
     try:
@@ -150,6 +152,8 @@ async def _run_as_task(fn: Callable[[SyncContext], Any], ctx: SyncContext, name:
         if inner.done():
             _consume(inner)
         else:
+            # Thrown into again at each of its resumptions from now on.
+            stop.asked = True
             _abandon(ctx, name, "task", _ended_of(inner))
         raise
     inner.result()
@@ -209,12 +213,15 @@ def _abandon(ctx: SyncContext, name: str, kind: str, ended: asyncio.Future[None]
 async def _run_in_thread(fn: Callable[..., T], ctx: SyncContext, name: str) -> T:
     """A plain function in a daemon thread; if its await is cancelled the
     thread cannot be, so it is abandoned and holds the run's slot until it
-    really ends."""
-    result, ended = _start_daemon_thread(fn, ctx)
+    really ends. Its profile hook raises StepStopped into it from then on,
+    at its next Python call or return (a C call that blocks returns first)."""
+    stop = lease.Stop()
+    result, ended = _start_daemon_thread(fn, ctx, stop=stop)
     try:
         return await result
     except asyncio.CancelledError:
         if not ended.done():
+            stop.asked = True
             _abandon(ctx, name, "thread", ended)
         raise
 
@@ -231,9 +238,10 @@ async def run_in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 def _start_daemon_thread(
-    fn: Callable[..., T], *args: Any
+    fn: Callable[..., T], *args: Any, stop: lease.Stop | None = None
 ) -> tuple[asyncio.Future[T], asyncio.Future[None]]:
-    """Start `fn` in a daemon thread: (its result, set when the thread ends)."""
+    """Start `fn` in a daemon thread: (its result, set when the thread ends).
+    The run's lease, and `stop` once asked, stop it (lease.py)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
     ended: asyncio.Future[None] = loop.create_future()
@@ -255,7 +263,7 @@ def _start_daemon_thread(
             if token is not None:
                 # Checked in this thread itself, at its next call or return:
                 # after a SIGCONT it may run before the loop notices anything.
-                token.install_in_thread()
+                token.install_in_thread(stop)
             outcome: tuple[bool, Any] = (True, fn(*args))
         except SystemExit as exc:
             outcome = (False, _exit_failure(exc))
@@ -266,7 +274,7 @@ def _start_daemon_thread(
             # function is an event the hook may raise at.
             try:  # noqa: SIM105
                 sys.setprofile(None)
-            except lease.LeaseLapsed:
+            except lease.StepStopped:
                 pass  # it fired once more, and Python removed it as it raised
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(settle, *outcome)

@@ -134,6 +134,30 @@ def test_drain_waits_for_an_abandoned_thread_then_says_so(url, tmp_path, start):
     assert status_of(url, run_id) == "failed"
 
 
+TICKING = """
+[jobs.ticking]
+timeout = 0.5
+steps = ["sw_fencejobs:ticking_plain"]
+"""
+
+
+def test_a_given_up_thread_is_stopped_at_its_next_call(url, tmp_path, start):
+    """A plain function that works in Python (a loop, not one blocking call)
+    is stopped by its thread's hook once its run gives it up (the timeout):
+    its slot comes back within a tick, and it executes nothing after."""
+    ticks = tmp_path / "ticks"
+    daemon = start(write_config(tmp_path / "c.toml", url, TICKING, concurrency=1))
+    run_id = trigger(url, "ticking", {"file": str(ticks), "first": 30, "then": 30})
+    daemon.wait_for("step_abandoned", run_id=run_id)
+    ended = daemon.wait_for("abandoned_step_ended", run_id=run_id, timeout=5)
+    assert ended["seconds_after"] < 0.5
+    wait_until(lambda: status_of(url, run_id) == "failed", timeout=5, what="the run failed")
+    size = ticks.stat().st_size
+    time.sleep(0.5)
+    assert ticks.stat().st_size == size  # no tick since
+    assert daemon.stop() == 0
+
+
 # -- isolation = "process" --------------------------------------------------------------
 
 PROCESS = """

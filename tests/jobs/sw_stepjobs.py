@@ -48,10 +48,14 @@ async def _record(ctx: SyncContext, what: str) -> None:
 
 
 def blocking_span(ctx: SyncContext) -> None:
-    """A plain function that blocks for payload['seconds'], noting its start and end."""
+    """A plain function that blocks for payload['seconds'], noting its start
+    and when its thread's code ends (a given-up step is stopped as the
+    blocking call returns: "end" is then noted on the way out)."""
     _note(ctx, "start")
-    time.sleep(float(ctx.payload.get("seconds", 3)))
-    _note(ctx, "end")
+    try:
+        time.sleep(float(ctx.payload.get("seconds", 3)))
+    finally:
+        _note(ctx, "end")
 
 
 async def swallow(ctx: SyncContext) -> None:
