@@ -3,8 +3,8 @@
 from syncworker.api import TriggerError, trigger_sync, trigger_sync_blocking
 from syncworker.config import ConfigError, Settings, load_config
 from syncworker.context import SyncContext
+from syncworker.daemon.worker import Worker
 from syncworker.version import VERSION
-from syncworker.worker import Worker
 
 __all__ = [
     "VERSION",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
 
@@ -88,3 +88,21 @@ class InFlight:
     async def settled(self) -> None:
         """Return once nothing is in flight."""
         await self._none.wait()
+
+
+class Background:
+    """Fire-and-forget tasks (a release, a deferred enqueue, a claim on a
+    pooled connection), held so that asyncio does not collect them
+    mid-flight, and cancellable together at the end."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel(self) -> None:
+        await cancel_and_wait(list(self._tasks))

@@ -38,7 +38,7 @@ from syncworker.store import Store
 from syncworker.version import VERSION
 
 if TYPE_CHECKING:
-    from syncworker.worker import Worker
+    from syncworker.daemon.worker import Worker
 
 EX_UNAVAILABLE = 69
 EX_NOPERM = 77
@@ -186,7 +186,7 @@ def run(
 
     Any other end is non-zero: 70 when the worker stopped by itself (a step it
     could not cancel, a step calling os._exit, a crash), 69 or 78 as above."""
-    from syncworker.worker import Worker
+    from syncworker.daemon.worker import Worker
 
     settings = _settings(config, database_url, required=True)
     server = None

@@ -20,7 +20,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from syncworker.config import Settings
-from syncworker.listener import KEEPALIVES
+from syncworker.daemon.connsettings import KEEPALIVES
 
 
 async def reset(conn: psycopg.AsyncConnection[Any]) -> None:

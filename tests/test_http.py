@@ -174,7 +174,7 @@ def test_a_taken_port_exits_78_naming_http_and_the_address(tmp_path, port) -> No
 def test_each_worker_has_a_registry_of_its_own() -> None:
     from prometheus_client import REGISTRY
 
-    from syncworker.worker import Worker
+    from syncworker.daemon.worker import Worker
 
     settings = validate_config({"jobs": {"j": {"steps": ["sw_testjobs:record"]}}})
     one, two = Worker(settings), Worker(settings)  # no "Duplicated timeseries"
@@ -217,7 +217,7 @@ def test_a_worker_without_http_never_imports_prometheus_client() -> None:
         "import sys\n"
         "import syncworker.cli\n"
         "from syncworker.config import validate_config\n"
-        "from syncworker.worker import Worker\n"
+        "from syncworker import Worker\n"
         "w = Worker(validate_config({'jobs': {'j': {'steps': ['sw_testjobs:record']}}}))\n"
         "w.metrics.count_trigger('received')\n"
         "w.metrics.run_started('j')\n"

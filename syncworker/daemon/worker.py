@@ -1,0 +1,451 @@
+"""The daemon: its services wired together, and its lifecycle in one place.
+
+    NOTIFY / cron fire  ->  intake | scheduler  ->  store.trigger (pending, coalesced)
+        -> wake  ->  executor (claim)  ->  orchestrator.execute_run
+
+run() is the lifecycle: start (migrate, register, prove NOTIFYs arrive) ->
+serve (every service's loop) -> drain (intake first; the listener and
+liveness outlive it) -> stop (marked stopped, pools closed). Each service
+gets what it needs from here; none imports another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from structlog.typing import FilteringBoundLogger
+
+from syncworker import runtime, systemd
+from syncworker.aio import Background, cancel_and_wait, wait_event
+from syncworker.config import ConfigError, Settings
+from syncworker.daemon.catalog import Catalog, resolve
+from syncworker.daemon.connsettings import KEEPALIVES
+from syncworker.daemon.executor import Executor
+from syncworker.daemon.intake import Intake
+from syncworker.daemon.lifecycle import Lifecycle
+from syncworker.daemon.listener import Listener
+from syncworker.daemon.liveness import Liveness
+from syncworker.daemon.maintenance import Maintenance
+from syncworker.daemon.pool import Pools
+from syncworker.daemon.reloader import Reloader
+from syncworker.daemon.reservations import Reservations
+from syncworker.daemon.scheduler import Scheduler
+from syncworker.daemon.slots import Slots
+from syncworker.dbclock import DbClock
+from syncworker.dberrors import TRANSIENT, config_problem
+from syncworker.events import is_reservation
+from syncworker.http import start_http, worker_routes
+from syncworker.lease import Lease, LeaseTiming
+from syncworker.listenprobe import notifications_arrive
+from syncworker.logs import make_logger
+from syncworker.metrics import Metrics
+from syncworker.orchestrator import RunEnv
+from syncworker.store import Store
+from syncworker.version import VERSION
+
+
+class Worker:
+    """One syncworker instance.
+
+    Run it with `await worker.run()` (returns after a stop and drain), or as
+    `async with Worker(settings) as w:` inside another asyncio program, whose
+    own signal handling then calls `w.stop()`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        log: FilteringBoundLogger | None = None,
+        config_source: str = "<config>",
+        load: Callable[[], Settings] | None = None,
+    ) -> None:
+        """`load` re-reads the configuration for `reload()` (SIGHUP); without
+        it, reload() needs the new settings passed in."""
+        self._load = load
+        self.id = f"w-{secrets.token_hex(6)}"  # opaque: runs.worker_id is read by apps
+        self.log = (log or make_logger(settings.log_level, settings.log_format)).bind(
+            worker_id=self.id
+        )
+        self.store = Store(settings.schema, settings.events_channel)
+        self.metrics = Metrics(VERSION, self.id, settings.jobs)
+        self._config_source = config_source
+        # Resolving imports every step now: a bad step is a config error at start.
+        self._catalog = Catalog(resolve(settings, config_source))
+        self._life = Lifecycle(settings.drain_timeout)
+        self._slots: Slots[RunEnv] = Slots(settings.concurrency)
+        # Proof that no peer may take our runs over yet (lease.py); renewed
+        # by each heartbeat write, and checked by the runs' steps.
+        self._lease = Lease(LeaseTiming(settings.heartbeat_interval))
+        self._background = Background()
+        self._pools: Pools | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._wire()
+
+    def _wire(self) -> None:
+        common: dict[str, Any] = {"store": self.store, "log": self.log}
+        self._executor = Executor(
+            worker_id=self.id,
+            catalog=self._catalog,
+            slots=self._slots,
+            lease=self._lease,
+            life=self._life,
+            connect=self._connect,
+            step_connect=self._step_connect,
+            background=self._background,
+            metrics=self.metrics,
+            state_changed=lambda: self._liveness.changed(),
+            request_stop=self.stop,
+            **common,
+        )
+        wake, start_run = self._executor.wake, self._executor.start_run
+        self._reservations = Reservations(
+            worker_id=self.id,
+            catalog=self._catalog,
+            slots=self._slots,
+            lease=self._lease,
+            stopping=self._life.stopping,
+            connect=self._connect,
+            background=self._background,
+            free_slot=self._free_slot,
+            start_run=start_run,
+            wake=wake,
+            **common,
+        )
+        self._intake = Intake(
+            worker_id=self.id,
+            catalog=self._catalog,
+            slots=self._slots,
+            lease=self._lease,
+            connect=self._connect,
+            background=self._background,
+            metrics=self.metrics,
+            free_slot=self._free_slot,
+            start_run=start_run,
+            wake=wake,
+            **common,
+        )
+        self._scheduler = Scheduler(
+            catalog=self._catalog,
+            clock=DbClock(self.log),
+            connect=self._connect,
+            db_up=self._life.db_up,
+            stopping=self._life.stopping,
+            wake=wake,
+            passed=lambda: self._maintenance.sd_status(self._liveness.state()),
+            **common,
+        )
+        self._maintenance = Maintenance(
+            connect=self._connect,
+            db_up=self._life.db_up,
+            history_days=lambda: self.settings.history_days,
+            runs=lambda: self._slots.runs,
+            next_fires=lambda: self._scheduler.next_fires,
+            **common,
+        )
+        self._liveness = Liveness(
+            worker_id=self.id,
+            slots=self._slots,
+            lease=self._lease,
+            life=self._life,
+            connect=self._connect,
+            cancel_run=self._executor.cancel_run,
+            on_reserved=self._reservations.on_reserved,
+            wake=wake,
+            sd_status=self._maintenance.sd_status,
+            **common,
+        )
+        self._reloader = Reloader(
+            catalog=self._catalog,
+            lease=self._lease,
+            connect=self._connect,
+            config_source=self._config_source,
+            load=self._load,
+            runs=lambda: self._slots.runs,
+            rebase_fires=self._scheduler.rebase,
+            offer=self._reservations.offer,
+            applied=self._reloaded,
+            **common,
+        )
+        self._listener = Listener(
+            lambda: self.settings,
+            self.store.wake,
+            log=self.log,
+            connect=self._connect,
+            on_connect=self._liveness.hold_lock,
+            on_notify=self._on_notify,
+            on_state=self._on_db_state,
+            on_poll=wake,
+        )
+
+    # -- the public face -----------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self._catalog.now.settings
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once the worker listens and can serve triggers."""
+        return self._life.ready
+
+    @property
+    def exit_code(self) -> int:
+        """What the process should exit with: 70 once the worker stopped by
+        itself (an async step it could not cancel), never 0 then."""
+        return self._life.exit_code
+
+    def health(self) -> str | None:
+        """None while the worker serves triggers; otherwise why not, in a few words."""
+        return self._life.health(self._lease.valid())
+
+    def abandoned(self) -> list[runtime.Leftover]:
+        """Step work given up on but still running, of every run."""
+        return self._slots.abandoned()
+
+    def stuck_tasks(self) -> list[runtime.Leftover]:
+        """Abandoned async steps still on this worker's loop."""
+        return self._slots.stuck_tasks()
+
+    def reload(self, settings: Settings | None = None) -> None:
+        """Apply a new configuration without dropping runs in flight (SIGHUP).
+
+        Without `settings`, the `load` given to the constructor reads it. Jobs,
+        schedules, steps, drain_timeout, heartbeat_interval and history_days
+        change; a config that fails to load or resolve is logged and the
+        running one kept. Runs already under way finish as they started.
+        """
+        self._reloader.request(settings)
+
+    def stop(self) -> None:
+        """Begin a drain; a second call cancels in-flight runs at once."""
+        life = self._life
+        if life.stopping.is_set():
+            if not life.force.is_set():
+                self.log.warning("drain_forced", runs=sorted(self._slots.runs))
+                life.force.set()
+            return
+        self.log.info("drain_started", runs=sorted(self._slots.runs), timeout=life.drain_timeout)
+        systemd.notify("STOPPING=1")
+        life.stopping.set()
+        self._liveness.changed()
+
+    async def __aenter__(self) -> Worker:
+        self._main = asyncio.create_task(self.run(), name="syncworker")
+        ready = asyncio.create_task(self._life.ready.wait())
+        await asyncio.wait({self._main, ready}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if self._main.done():
+            self._main.result()  # startup failed: raise its error here
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if self._main is not None:
+            await self._main
+
+    # -- the lifecycle ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until stop() (or a signal handler calling it), then drain."""
+        settings = self.settings
+        self.log.info(
+            "worker_starting",
+            version=VERSION,
+            jobs=sorted(settings.jobs),
+            concurrency=settings.concurrency,
+        )
+        # Bound before anything else, so a taken port fails the start at once
+        # and a probe sees "starting" while the database is still awaited.
+        http = None
+        if settings.http:
+            routes = worker_routes(
+                health=self.health,
+                db_up=self._life.db_up.is_set,
+                connect=self._connect,
+                store=self.store,
+                metrics=self.metrics,
+            )
+            http = await start_http(
+                settings.http, routes, log=self.log, config_source=self._config_source
+            )
+        self._pools = Pools(settings)
+        await self._pools.open()
+        try:
+            if await self._start():
+                await self._serve()
+        finally:
+            # As _serve does, when it did not end normally.
+            await self._executor.settle_claims()
+            await self._executor.drain()
+            self._lease.close()
+            await self._liveness.mark_stopped()
+            if http is not None:
+                await http.close()
+            await self._pools.close()
+            self.log.info("worker_stopped")
+
+    async def _start(self) -> bool:
+        """Migrate, register jobs and this worker; wait out a database outage.
+        A stop ends the wait at once, even inside a connection attempt."""
+        attempt = asyncio.ensure_future(self._start_attempts())
+        stop = asyncio.ensure_future(self._life.stopping.wait())
+        try:
+            await asyncio.wait({attempt, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not attempt.done():
+            await cancel_and_wait([attempt])
+            return False
+        return attempt.result()
+
+    async def _start_attempts(self) -> bool:
+        delay = 0.2
+        down = False
+        while not self._life.stopping.is_set():
+            try:
+                async with self._connect() as conn:
+                    scopes = await self.store.setup(conn, self.settings.jobs, self._config_source)
+                    self._catalog.replace(self._catalog.now.with_scopes(scopes))
+                    await self._liveness.register(conn)
+                    await self._reservations.offer(conn)
+                    self._scheduler.start_from(await self.store.fire_state(conn))
+                if self.settings.listen:
+                    await self._check_listening()
+                if down:
+                    self.log.info("db_reconnected")
+                return True
+            except TRANSIENT as exc:
+                # The pool's timeout hides why its connections failed: ask
+                # the server directly, so a refusal that retrying cannot
+                # mend (a wrong role, database or password) ends the start.
+                await self._refuse_bad_settings()
+                if not down:
+                    self.log.warning("db_disconnected", error=str(exc).strip().splitlines()[0])
+                    down = True
+                await wait_event(self._life.stopping, delay)
+                delay = min(delay * 2, 10.0)
+        return False
+
+    async def _check_listening(self) -> None:
+        """ConfigError (exit 78) if NOTIFYs cannot reach the listening session
+        (listenprobe.py): a transaction-mode pooler in its way."""
+        if await notifications_arrive(self.settings.listen_conninfo, KEEPALIVES):
+            return
+        key = "listen_url" if self.settings.listen_url else "database_url"
+        raise ConfigError(
+            self._config_source,
+            key,
+            "a NOTIFY sent on this connection never came back to it, so no trigger would"
+            " be heard (a transaction-mode pooler such as PgBouncer?): set listen_url to"
+            ' a direct connection to PostgreSQL and pooler = "transaction", or'
+            " listen = false to poll every poll_interval seconds instead",
+        )
+
+    async def _refuse_bad_settings(self) -> None:
+        """Raise ConfigError (exit 78) with the server's reason if it refuses
+        our connection settings; return for an outage or success."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.settings.database_url, autocommit=True, **KEEPALIVES
+            )
+        except psycopg.Error as exc:
+            reason = config_problem(exc)
+            if reason is not None:
+                raise ConfigError(
+                    self._config_source, "database_url", f"the server refused it: {reason}"
+                ) from None
+            return
+        await conn.close()
+
+    async def _serve(self) -> None:
+        self._lease.start(self._liveness.on_lease_lapsed)
+        async with asyncio.TaskGroup() as tg:
+            listener = tg.create_task(self._listener.run(), name="listener")
+            liveness = tg.create_task(self._liveness.run(), name="heartbeat")
+            watchdog = tg.create_task(self._maintenance.watchdog(), name="watchdog")
+            intake = [
+                tg.create_task(self._scheduler.run(), name="scheduler"),
+                tg.create_task(self._executor.run(), name="executor"),
+                tg.create_task(self._reloader.run(), name="reloader"),
+                tg.create_task(self._maintenance.prune(), name="pruner"),
+            ]
+            await self._life.stopping.wait()
+            # 1. Take no new work. The listener stays up while runs drain,
+            #    because its session holds the lock that marks this worker
+            #    alive; what it hears now is enqueued, never claimed here.
+            await cancel_and_wait(intake)
+            # 2. A claim in flight becomes a run to drain: none may answer
+            #    after the drain looked, and none begins now (_free_slot).
+            await self._executor.settle_claims()
+            # 3. Drain the runs.
+            await self._executor.drain()
+            # 4. Then the listening session and the heartbeat, the last to
+            #    say this worker is alive.
+            await cancel_and_wait([listener, liveness, watchdog])
+
+    # -- wiring --------------------------------------------------------------------
+
+    async def _on_notify(
+        self, session: psycopg.AsyncConnection[Any] | None, notify: psycopg.Notify
+    ) -> None:
+        if notify.channel != self.store.wake:
+            await self._intake.on_trigger(session, notify)
+        elif is_reservation(notify.payload):
+            await self._reservations.on_reservation(notify.payload, session)
+        else:
+            self._executor.wake()
+
+    def _on_db_state(self, up: bool) -> None:
+        self.metrics.database_state(up)
+        life = self._life
+        if not up:
+            life.db_up.clear()
+            if self._pools is not None:
+                self._pools.outage()  # the pool's connections may be dead too: check them all
+            return
+        life.db_up.set()
+        # A reconnect: the outage may have cut every session.
+        self._liveness.reconnected(serving=life.ready.is_set())
+        # Whatever was enqueued while we were deaf is in the table: look.
+        self._executor.wake()
+        self._scheduler.reschedule()
+        self._liveness.changed()
+        if not life.ready.is_set():
+            life.ready.set()
+            self.log.info(
+                "worker_started", channel=self.settings.channel, jobs=sorted(self.settings.jobs)
+            )
+            systemd.notify(f"READY=1\nSTATUS=listening on {self.settings.channel}")
+
+    def _free_slot(self) -> bool:
+        """A run could start here now: not stopping, a slot free counting the
+        claims in flight and the starts and reservations being decided, and
+        a lease that holds (a claim now could be taken over at once)."""
+        return not self._life.stopping.is_set() and self._slots.room() and self._lease.valid()
+
+    def _reloaded(self) -> None:
+        self._life.drain_timeout = self.settings.drain_timeout
+        self._scheduler.reschedule()
+        self._executor.wake()
+        self._liveness.changed()
+
+    def _connect(self, timeout: float | None = None) -> Any:
+        """One of the worker's own connections."""
+        assert self._pools is not None
+        return self._pools.connect(timeout)
+
+    def _step_connect(self) -> Any:
+        """A connection for a step (steppool.py): never one of the worker's own."""
+        assert self._pools is not None
+        return self._pools.step_connect()
