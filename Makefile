@@ -9,11 +9,12 @@ BENCH_VENV ?= .venv-bench
 BENCH_BIN  := $(BENCH_VENV)/bin
 QUICK      ?=
 
-.PHONY: help install run test test-tools soak lint typecheck check clean bench bench-install
+.PHONY: help install run test test-unit test-tools soak lint typecheck check clean bench bench-install
 
 help:
 	@echo "make run        start a worker on a throwaway embedded PostgreSQL with the example job"
 	@echo "make test       lint, type-check and run the whole test suite (own PostgreSQL)"
+	@echo "make test-unit  the unit tests alone (tests/unit: no database, seconds)"
 	@echo "make soak       3 workers, 50 triggers/s, random kill -9 and restarts for 10 min (SYNCWORKER_SOAK_SECONDS)"
 	@echo "make bench      latency, idle cost, cron, bursts, scale-out, fail-over vs procrastinate (~6 min; QUICK=1: ~1 min)"
 	@echo "make lint       ruff"
@@ -50,9 +51,13 @@ test-tools:
 test: lint typecheck test-tools
 	$(BIN)/pytest
 
+# The unit tests alone: no database, no daemons, seconds.
+test-unit: install
+	$(BIN)/pytest tests/unit -q
+
 # Not part of `make test`: ten minutes of chaos, then the invariants.
 soak: install
-	$(BIN)/pytest -m soak -s --timeout=3600 tests/test_soak.py
+	$(BIN)/pytest -m soak -s --timeout=3600 tests/soak/test_soak.py
 
 $(BENCH_BIN)/procrastinate: pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)

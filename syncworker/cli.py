@@ -23,14 +23,13 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import psycopg
 import typer
 
-from syncworker import schedule
+from syncworker import follow, schedule
 from syncworker.api import TriggerError, trigger_sync
 from syncworker.config import ConfigError, Settings, config_path, load_config
 from syncworker.dberrors import config_problem
 from syncworker.exits import EX_SOFTWARE, guard_os_exit, real_exit
 from syncworker.heap import freeze_startup_heap
 from syncworker.logs import forward_library_logs, make_logger, redact
-from syncworker.progress import TERMINAL, ProgressView
 from syncworker.stall import StallWatch
 from syncworker.status import render, to_json
 from syncworker.steps import resolve_job_steps
@@ -43,12 +42,6 @@ if TYPE_CHECKING:
 EX_UNAVAILABLE = 69
 EX_NOPERM = 77
 EX_CONFIG = 78
-# trigger --wait re-reads its runs this often in case an event was missed,
-# and redraws a terminal's progress lines this often for their elapsed times.
-_REREAD_EVERY = 5.0
-_REDRAW_EVERY = 0.25
-# status --watch redraws at most this often, however many events arrive.
-_WATCH_DEBOUNCE = 0.5
 T = TypeVar("T")
 _NOT_SET_UP = "schema {!r} is not set up: run `{} migrate`"
 
@@ -318,9 +311,7 @@ async def _trigger(
     async with conn:
         if wait:
             # Listen before triggering so no event of ours can slip past.
-            await conn.execute(
-                psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(settings.events_channel))
-            )
+            await follow.listen(conn, settings.events_channel)
         try:
             ids = await trigger_sync(
                 conn, job, scopes=scopes, source=source, triggered_by=by, schema=settings.schema
@@ -335,7 +326,8 @@ async def _trigger(
             return 0
         if not as_json:
             typer.echo(f"runs {', '.join(map(str, ids))}: waiting", err=True)
-        final = await _wait_for_runs(conn, settings, ids, timeout, as_json)
+        store = Store(settings.schema, settings.events_channel)
+        final = await follow.wait_for_runs(conn, store, ids, timeout, as_json)
     if final is None:
         if as_json:
             typer.echo(json.dumps({"runs": ids, "timeout": True}))
@@ -346,69 +338,6 @@ async def _trigger(
         typer.echo(to_json({"runs": final}, indent=None))
     ok = all(r["status"] == "succeeded" for r in final)
     return 0 if ok else 1
-
-
-async def _wait_for_runs(
-    conn: psycopg.AsyncConnection[Any],
-    settings: Settings,
-    ids: list[int],
-    timeout: float,
-    quiet: bool,
-) -> list[dict[str, Any]] | None:
-    """Follow run events until every run ended; None on timeout."""
-    store = Store(settings.schema, settings.events_channel)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    wanted = set(ids)
-    view = None if quiet else ProgressView(sys.stderr, ids, live=sys.stderr.isatty())
-    rows: dict[int, dict[str, Any] | None] = {}
-    stale = set(wanted)
-    reread_at = loop.time() + _REREAD_EVERY
-    payload = await store.may_read_payload(conn)  # the app role may not (sql/007)
-    try:
-        while True:
-            for run_id in sorted(stale):
-                rows[run_id] = row = await store.read_run(conn, run_id, payload=payload)
-                if row is not None and view is not None:
-                    view.row(row)
-            stale.clear()
-            if view is not None:
-                view.refresh()
-            if all(r is not None and r["status"] in TERMINAL for r in rows.values()):
-                return [r for i in ids if (r := rows[i]) is not None]
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return None
-            if loop.time() >= reread_at:
-                # A safety net, not the driver: re-read every run now and then
-                # in case an event was missed while the connection was busy.
-                stale = set(wanted)
-                reread_at = loop.time() + _REREAD_EVERY
-                continue
-            # Each pass takes one batch of notifications whole (stop_after=1
-            # still yields all of a batch), since breaking out of notifies()
-            # mid-batch would drop the rest. A terminal wakes up more often,
-            # so the elapsed times it shows keep moving.
-            wake = _REDRAW_EVERY if view is not None and view.live else _REREAD_EVERY
-            wait = min(remaining, wake, max(reread_at - loop.time(), 0.0))
-            async for notify in conn.notifies(timeout=wait, stop_after=1):
-                try:
-                    event = json.loads(notify.payload)
-                    run_id = event["run_id"]
-                except (ValueError, TypeError, KeyError):
-                    continue
-                if not isinstance(run_id, int) or run_id not in wanted:
-                    continue
-                if event.get("event") == "run_progress":
-                    if view is not None:
-                        view.event(event)
-                else:
-                    stale.add(run_id)  # a status change: the row tells the rest
-            if view is not None:
-                view.refresh()
-    finally:
-        if view is not None:
-            view.close()
 
 
 @app.command()
@@ -462,30 +391,15 @@ def status(
             typer.echo(f"--- {stamp} ---")
         typer.echo(render(data) + ("" if live else "\n"))
 
-    async def follow() -> None:
+    async def following() -> None:
         conn = await _connect(settings)
         async with conn:
-            await conn.execute(
-                psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(settings.events_channel))
-            )
-            loop = asyncio.get_running_loop()
-            while True:
-                # Events already here are covered by the read that follows.
-                async for _ in conn.notifies(timeout=0):
-                    pass
-                show(await read(conn))
-                shown_at = loop.time()
-                woken = False
-                async for _ in conn.notifies(timeout=interval, stop_after=1):
-                    woken = True
-                if woken:
-                    # Debounce: a busy worker publishes many events a second,
-                    # and a redraw per event would only flicker.
-                    await asyncio.sleep(max(shown_at + _WATCH_DEBOUNCE - loop.time(), 0.0))
+            await follow.listen(conn, settings.events_channel)
+            await follow.watch(conn, lambda: read(conn), show, interval)
 
     # Ctrl-C is how a watch ends: exit 0, not click's "Aborted!" and 1.
     with contextlib.suppress(KeyboardInterrupt):
-        _run_async(follow)
+        _run_async(following)
 
 
 @app.command()

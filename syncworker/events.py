@@ -1,7 +1,7 @@
 """The wire formats of syncworker's notifications, defined once.
 
 Published by the SQL side (trigger() in db/sql; the run statements in
-store.py), read here. tests/db/test_event_contract.py holds the two
+store.py), read here. tests/daemon/test_event_contract.py holds the two
 together: it makes the database publish each kind and parses it with these.
 
 - The trigger channel (`channel`, default `sync_trigger`): a job name, or

@@ -205,7 +205,7 @@ class Token:
         once `stop` is asked.
 
         It runs at every such event, so it is kept to a read of the lease's
-        state, of the clock and of `stop` (measured in tests/test_self_fence.py)."""
+        state, of the clock and of `stop` (measured in tests/daemon/test_self_fence.py)."""
         lease, epoch, stop = self._lease, self._epoch, stop or Stop()
 
         def hook(

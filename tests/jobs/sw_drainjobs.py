@@ -1,4 +1,4 @@
-"""Steps for tests/test_drain_kinds.py: each records its start and end in
+"""Steps for tests/daemon/test_drain_kinds.py: each records its start and end in
 test_log (the database at $SW_TEST_DATABASE_URL), with half a second between."""
 
 from __future__ import annotations

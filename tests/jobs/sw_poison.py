@@ -1,4 +1,4 @@
-"""Steps that misuse their borrowed connection (tests/test_step_pool.py)."""
+"""Steps that misuse their borrowed connection (tests/daemon/test_step_pool.py)."""
 
 from __future__ import annotations
 

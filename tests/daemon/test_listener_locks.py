@@ -69,7 +69,7 @@ def test_a_reservation_whose_row_is_locked_is_claimed_off_the_listener(
     """The reserved run's claim runs on the listening session, within the
     same lock budget: a row held by an open transaction sends it to a pooled
     session, where it waits, while the listener goes on."""
-    from tests.test_reserved import _notify_reservation, _pending_run, _worker_id
+    from tests.daemon.test_reserved import _notify_reservation, _pending_run, _worker_id
 
     # Two slots: the claim waiting for the row holds one.
     daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS, concurrency=2))
@@ -94,7 +94,7 @@ def test_a_liveness_lock_held_by_a_stale_session_is_taken_back(database_url, tmp
     session rather than wait for the lock."""
     import threading
 
-    from tests.test_reserved import _worker_id
+    from tests.daemon.test_reserved import _worker_id
 
     daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
     worker_id = _worker_id(database_url, daemon)

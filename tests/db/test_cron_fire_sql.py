@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from syncworker.store import Store
+from tests.db.test_trigger_sql import JOBS  # solo, pfa (two scopes), off (disabled)
 from tests.harness import cli, query, write_config
-from tests.test_trigger_sql import JOBS  # solo, pfa (two scopes), off (disabled)
 
 # A fire due an hour ago, after the jobs' last fire (set back below): the
 # claim refuses fires not yet due by the database's clock.

@@ -108,7 +108,7 @@ def test_watchdog_interval_from_process_environment(monkeypatch: pytest.MonkeyPa
 
 # --- the shipped units and PM2 file ------------------------------------------
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "syncworker.service"
 TEMPLATE = ROOT / "systemd" / "syncworker@.service"
 ECOSYSTEM = ROOT / "ecosystem.config.js"

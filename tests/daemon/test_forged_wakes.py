@@ -22,9 +22,9 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from tests.daemon.test_reserved import _worker_id
 from tests.harness import Daemon, query, wait_until, write_config
 from tests.invariants import assert_invariants, trigger
-from tests.test_reserved import _worker_id
 
 WAKE = "syncworker_wake"
 

@@ -9,7 +9,7 @@ above its fence. A block's placeholders (the URL the worker prints, the
 database URL of a deploy) are the only things replaced, each named below;
 `pm2 logs`, which follows the log forever, gets `--nostream`. The systemd
 steps are not run: they need systemd as PID 1 and `sudo`, which a container
-does not have; tests/test_systemd.py checks the units with systemd-analyze.
+does not have; tests/daemon/test_systemd.py checks the units with systemd-analyze.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import psycopg
 import pytest
 
 from syncworker.embedded import SHARED_DIR
+from tests.daemon.test_pm2 import PM2, install_node_packages
 from tests.harness import REPO, query, wait_until, write_config
-from tests.test_pm2 import PM2, install_node_packages
 
 README = (REPO / "README.md").read_text()
 MARKED = re.compile(r"<!-- doc-test: ([a-z0-9-]+) -->\n```(\w+)\n(.*?)\n```", re.S)
