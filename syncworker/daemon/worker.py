@@ -21,10 +21,9 @@ import psycopg
 from structlog.typing import FilteringBoundLogger
 
 from syncworker import runtime, systemd
-from syncworker.aio import Background, cancel_and_wait, wait_event
-from syncworker.config import ConfigError, Settings
+from syncworker.aio import Background, cancel_and_wait
+from syncworker.config import Settings
 from syncworker.daemon.catalog import Catalog, resolve
-from syncworker.daemon.connsettings import KEEPALIVES
 from syncworker.daemon.executor import Executor
 from syncworker.daemon.intake import Intake
 from syncworker.daemon.lifecycle import Lifecycle
@@ -36,12 +35,11 @@ from syncworker.daemon.reloader import Reloader
 from syncworker.daemon.reservations import Reservations
 from syncworker.daemon.scheduler import Scheduler
 from syncworker.daemon.slots import Slots
+from syncworker.daemon.startup import Startup
 from syncworker.dbclock import DbClock
-from syncworker.dberrors import TRANSIENT, config_problem
 from syncworker.events import is_reservation
 from syncworker.http import start_http, worker_routes
 from syncworker.lease import Lease, LeaseTiming
-from syncworker.listenprobe import notifications_arrive
 from syncworker.logs import make_logger
 from syncworker.metrics import Metrics
 from syncworker.orchestrator import RunEnv
@@ -172,6 +170,17 @@ class Worker:
             applied=self._reloaded,
             **common,
         )
+        self._startup = Startup(
+            settings=lambda: self.settings,
+            config_source=self._config_source,
+            catalog=self._catalog,
+            stopping=self._life.stopping,
+            connect=self._connect,
+            register=self._liveness.register,
+            offer=self._reservations.offer,
+            start_fires=self._scheduler.start_from,
+            **common,
+        )
         self._listener = Listener(
             lambda: self.settings,
             self.store.wake,
@@ -282,7 +291,7 @@ class Worker:
         self._pools = Pools(settings)
         await self._pools.open()
         try:
-            if await self._start():
+            if await self._startup.run():
                 await self._serve()
         finally:
             # As _serve does, when it did not end normally.
@@ -294,79 +303,6 @@ class Worker:
                 await http.close()
             await self._pools.close()
             self.log.info("worker_stopped")
-
-    async def _start(self) -> bool:
-        """Migrate, register jobs and this worker; wait out a database outage.
-        A stop ends the wait at once, even inside a connection attempt."""
-        attempt = asyncio.ensure_future(self._start_attempts())
-        stop = asyncio.ensure_future(self._life.stopping.wait())
-        try:
-            await asyncio.wait({attempt, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if not attempt.done():
-            await cancel_and_wait([attempt])
-            return False
-        return attempt.result()
-
-    async def _start_attempts(self) -> bool:
-        delay = 0.2
-        down = False
-        while not self._life.stopping.is_set():
-            try:
-                async with self._connect() as conn:
-                    scopes = await self.store.setup(conn, self.settings.jobs, self._config_source)
-                    self._catalog.replace(self._catalog.now.with_scopes(scopes))
-                    await self._liveness.register(conn)
-                    await self._reservations.offer(conn)
-                    self._scheduler.start_from(await self.store.fire_state(conn))
-                if self.settings.listen:
-                    await self._check_listening()
-                if down:
-                    self.log.info("db_reconnected")
-                return True
-            except TRANSIENT as exc:
-                # The pool's timeout hides why its connections failed: ask
-                # the server directly, so a refusal that retrying cannot
-                # mend (a wrong role, database or password) ends the start.
-                await self._refuse_bad_settings()
-                if not down:
-                    self.log.warning("db_disconnected", error=str(exc).strip().splitlines()[0])
-                    down = True
-                await wait_event(self._life.stopping, delay)
-                delay = min(delay * 2, 10.0)
-        return False
-
-    async def _check_listening(self) -> None:
-        """ConfigError (exit 78) if NOTIFYs cannot reach the listening session
-        (listenprobe.py): a transaction-mode pooler in its way."""
-        if await notifications_arrive(self.settings.listen_conninfo, KEEPALIVES):
-            return
-        key = "listen_url" if self.settings.listen_url else "database_url"
-        raise ConfigError(
-            self._config_source,
-            key,
-            "a NOTIFY sent on this connection never came back to it, so no trigger would"
-            " be heard (a transaction-mode pooler such as PgBouncer?): set listen_url to"
-            ' a direct connection to PostgreSQL and pooler = "transaction", or'
-            " listen = false to poll every poll_interval seconds instead",
-        )
-
-    async def _refuse_bad_settings(self) -> None:
-        """Raise ConfigError (exit 78) with the server's reason if it refuses
-        our connection settings; return for an outage or success."""
-        try:
-            conn = await psycopg.AsyncConnection.connect(
-                self.settings.database_url, autocommit=True, **KEEPALIVES
-            )
-        except psycopg.Error as exc:
-            reason = config_problem(exc)
-            if reason is not None:
-                raise ConfigError(
-                    self._config_source, "database_url", f"the server refused it: {reason}"
-                ) from None
-            return
-        await conn.close()
 
     async def _serve(self) -> None:
         self._lease.start(self._liveness.on_lease_lapsed)

@@ -24,6 +24,7 @@ SERVICES = {
     "reloader",
     "reservations",
     "scheduler",
+    "startup",
 }
 SHARED = {"lifecycle", "catalog", "slots", "connsettings"}
 PURE = {
