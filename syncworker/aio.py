@@ -106,3 +106,10 @@ class Background:
 
     async def cancel(self) -> None:
         await cancel_and_wait(list(self._tasks))
+
+
+def consume(future: asyncio.Future[Any]) -> None:
+    """Mark a future's outcome as seen (awaited on success only elsewhere):
+    asyncio then never warns that its exception was not retrieved."""
+    if not future.cancelled():
+        future.exception()

@@ -34,9 +34,10 @@ import psycopg
 from structlog.typing import FilteringBoundLogger
 
 from syncworker import lease, runtime
+from syncworker.command import KILL_GRACE
 from syncworker.context import StopRequest, SyncContext
 from syncworker.counters import Counters
-from syncworker.steps import KILL_GRACE, StepFailed
+from syncworker.steps import StepFailed
 
 # Longest protocol line read; a step logging more in one line fails the step.
 _LINE_LIMIT = 2**22

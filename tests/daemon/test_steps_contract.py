@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from syncworker.steps import KILL_GRACE
+from syncworker.command import KILL_GRACE
 from tests.harness import cli, execute, query, wait_until, write_config
 
 WAIT = 90.0  # generous: the machine running the suite is small and busy

@@ -666,7 +666,7 @@ def test_upgrade_to_version_7_takes_payloads_from_existing_readers(
     config = write_config(tmp_path / "c.toml", database_url, JOBS)
     upgraded = cli("migrate", "--config", str(config))
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "migrations applied: 7, 8;" in upgraded.stdout
+    assert re.search(r"migrations applied: 7, 8(, \d+)*;", upgraded.stdout), upgraded.stdout
 
     columns = _columns(database_url, "syncworker.runs")
     every_but_payload = {c: c != "payload" for c in columns}
