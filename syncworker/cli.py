@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -27,17 +26,15 @@ from syncworker import follow, schedule
 from syncworker.api import TriggerError, trigger_sync
 from syncworker.config import ConfigError, Settings, config_path, load_config
 from syncworker.dberrors import config_problem
-from syncworker.exits import EX_SOFTWARE, guard_os_exit, real_exit
-from syncworker.heap import freeze_startup_heap
+from syncworker.exits import EX_SOFTWARE
 from syncworker.logs import forward_library_logs, make_logger, redact
-from syncworker.stall import StallWatch
 from syncworker.status import render, to_json
 from syncworker.steps import resolve_job_steps
 from syncworker.store import Store
 from syncworker.version import VERSION
 
 if TYPE_CHECKING:
-    from syncworker.daemon.worker import Worker
+    pass
 
 EX_UNAVAILABLE = 69
 EX_NOPERM = 77
@@ -180,6 +177,7 @@ def run(
     Any other end is non-zero: 70 when the worker stopped by itself (a step it
     could not cancel, a step calling os._exit, a crash), 69 or 78 as above."""
     from syncworker.daemon.worker import Worker
+    from syncworker.serve import serve
 
     settings = _settings(config, database_url, required=True)
     server = None
@@ -209,7 +207,7 @@ def run(
                 load=lambda: load_config(config, required=True),
             )
             # Raised from inside too: the `http` address is bound at start.
-            code = asyncio.run(_serve(worker))
+            code = asyncio.run(serve(worker))
         except ConfigError as exc:
             _fail(EX_CONFIG, _config_error(exc))
         except psycopg.errors.InsufficientPrivilege as exc:
@@ -225,48 +223,6 @@ def run(
             server.close()
     if code:
         raise typer.Exit(code)
-
-
-async def _serve(worker: Worker) -> int:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    loop.add_signal_handler(signal.SIGHUP, worker.reload)
-    stall = StallWatch(worker.log, lambda: worker.settings.drain_timeout)
-    stall.start((signal.SIGTERM, signal.SIGINT))
-    freezer = asyncio.create_task(_freeze_when_started(worker), name="heap-freezer")
-    try:
-        with guard_os_exit(worker.log):
-            await worker.run()
-    except (ConfigError, psycopg.errors.InsufficientPrivilege):
-        raise  # exit codes 78 and 77, from run()
-    except Exception:
-        # Not a requested stop: non-zero, so that a supervisor restarts it.
-        worker.log.error("worker_crashed", exit_code=EX_SOFTWARE, exc_info=True)
-        return EX_SOFTWARE
-    finally:
-        freezer.cancel()
-        stall.close()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-    stuck = worker.stuck_tasks()
-    if stuck:
-        # asyncio.run() would wait for these forever as it closes the loop.
-        worker.log.error(
-            "worker_exit_abandoned",
-            exit_code=worker.exit_code,
-            steps=[left.describe() for left in stuck],
-        )
-        real_exit(worker.exit_code or EX_SOFTWARE)
-    return worker.exit_code
-
-
-async def _freeze_when_started(worker: Worker) -> None:
-    # Once the worker listens, its modules, steps and sessions are in place:
-    # the heap from then on is what the process keeps (see syncworker.heap).
-    await worker.ready.wait()
-    frozen, took = freeze_startup_heap()
-    worker.log.debug("heap_frozen", objects=frozen, ms=round(took, 1))
 
 
 @app.command()
