@@ -26,6 +26,7 @@ import typer
 from syncworker import schedule
 from syncworker.api import TriggerError, trigger_sync
 from syncworker.config import ConfigError, Settings, config_path, load_config
+from syncworker.db import Store, session
 from syncworker.dberrors import config_problem
 from syncworker.exits import EX_SOFTWARE, guard_os_exit, real_exit
 from syncworker.heap import freeze_startup_heap
@@ -34,7 +35,6 @@ from syncworker.progress import TERMINAL, ProgressView
 from syncworker.stall import StallWatch
 from syncworker.status import render, to_json
 from syncworker.steps import resolve_job_steps
-from syncworker.store import Store
 from syncworker.version import VERSION
 
 if TYPE_CHECKING:
@@ -318,9 +318,7 @@ async def _trigger(
     async with conn:
         if wait:
             # Listen before triggering so no event of ours can slip past.
-            await conn.execute(
-                psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(settings.events_channel))
-            )
+            await session.listen(conn, settings.events_channel)
         try:
             ids = await trigger_sync(
                 conn, job, scopes=scopes, source=source, triggered_by=by, schema=settings.schema
@@ -465,9 +463,7 @@ def status(
     async def follow() -> None:
         conn = await _connect(settings)
         async with conn:
-            await conn.execute(
-                psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(settings.events_channel))
-            )
+            await session.listen(conn, settings.events_channel)
             loop = asyncio.get_running_loop()
             while True:
                 # Events already here are covered by the read that follows.
@@ -516,9 +512,7 @@ def check(config: ConfigOpt = None, database_url: DatabaseOpt = None) -> None:
     async def ping() -> str:
         conn = await _connect(settings)
         async with conn:
-            cur = await conn.execute("SELECT current_setting('server_version')")
-            row = await cur.fetchone()
-            return str(row[0]) if row else "?"
+            return await session.server_version(conn)
 
     typer.echo(f"database: reachable (PostgreSQL {_run_async(ping)})")
     typer.echo("config: ok")

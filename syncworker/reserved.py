@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import psycopg
 from structlog.typing import FilteringBoundLogger
 
-from syncworker.store import ClaimedRun, Store
+from syncworker.db import ClaimedRun, Store
 
 
 class Connect(Protocol):

@@ -28,6 +28,7 @@ from structlog.typing import FilteringBoundLogger
 from syncworker import reserved, runtime, schedule, systemd
 from syncworker.aio import cancel_and_wait, wait_event
 from syncworker.config import ConfigError, JobConfig, Settings
+from syncworker.db import ClaimedRun, Store, fetch_scopes, session
 from syncworker.dbclock import DbClock
 from syncworker.dberrors import TRANSIENT, TRANSIENT_OR_TIMEOUT, config_problem
 from syncworker.exits import EX_SOFTWARE
@@ -42,7 +43,6 @@ from syncworker.pruning import prune_pass
 from syncworker.reload import plan_reload
 from syncworker.steppool import make_step_pool
 from syncworker.steps import Step, resolve_job_steps
-from syncworker.store import ClaimedRun, Store, fetch_scopes
 from syncworker.triggers import JobInfo, Rejected, TriggerRequest, parse_notification
 from syncworker.version import VERSION
 
@@ -424,7 +424,7 @@ class Worker:
         while True:
             try:
                 async with self._connect() as conn:
-                    await conn.execute("SELECT 1")
+                    await session.ping(conn)
                 now_up = True
             except TRANSIENT as exc:
                 now_up = False
