@@ -17,8 +17,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from structlog.typing import FilteringBoundLogger
+
+from syncworker.db import session
 
 OnConnect = Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
 # Called with the listening session, free to run statements on until it
@@ -82,7 +83,7 @@ async def listen_forever(
         try:
             async with conn:
                 for channel in channels:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    await session.listen(conn, channel)
                 await on_connect(conn)
                 delay = INITIAL_BACKOFF
                 if disconnected_since is not None:
@@ -129,7 +130,7 @@ async def _ping(conn: psycopg.AsyncConnection[Any], deadline: float) -> list[psy
     loop = asyncio.get_running_loop()
     give_up = loop.time() + deadline
     pgconn = conn.pgconn
-    pgconn.send_query(b"SELECT 1")
+    pgconn.send_query(session.ping_bytes())
     while pgconn.flush() != 0:  # the kernel's buffer is full: the network stalls
         if loop.time() >= give_up:
             raise _unanswered(deadline)
