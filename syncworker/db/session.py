@@ -3,6 +3,7 @@ LISTEN, pings, the clock, the probe, a step connection's reset."""
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +14,7 @@ from syncworker.db.queries import session_query
 from syncworker.db.rows import Clock, ServerVersion
 
 
+@functools.cache
 def ping_bytes() -> bytes:
     """The ping as libpq takes it (the listener sends it on pgconn directly)."""
     return session_query("ping").text.encode()
