@@ -17,9 +17,9 @@ import psycopg
 
 from bench.common import Config, Row, Server
 from syncworker.config import JobConfig
+from syncworker.db import Store
 from syncworker.logs import make_logger
 from syncworker.pruning import prune_pass
-from syncworker.store import Store
 
 # `age` old at the first run, one second apart: all due when age > 30 days
 # plus the table's span, none when it is younger than history_days.

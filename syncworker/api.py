@@ -11,18 +11,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
+
+from syncworker.db.queries import for_schema
+from syncworker.db.rows import TriggeredForCaller
+
+_ROW = class_row(TriggeredForCaller)
 
 
 class TriggerError(ValueError):
     """The database refused the trigger: unknown job or scope, disabled job."""
-
-
-def _query(schema: str) -> sql.Composed:
-    return sql.SQL(
-        "SELECT run_id FROM {}.trigger(%s, %s, %s, coalesce(%s, current_user), %s)"
-    ).format(sql.Identifier(schema))
 
 
 def _calls(
@@ -32,13 +31,16 @@ def _calls(
     source: str,
     triggered_by: str | None,
     payload: Mapping[str, Any] | None,
-) -> list[tuple[Any, ...]]:
+) -> list[dict[str, Any]]:
     """The parameters of one trigger() call per scope asked for."""
     if scope is not None and scopes is not None:
         raise TypeError("give scope or scopes, not both")
     chosen = list(dict.fromkeys(scopes)) if scopes is not None else [scope]
     body = Jsonb(dict(payload or {}))
-    return [(job, one, source, triggered_by, body) for one in chosen]
+    return [
+        {"job": job, "scope": one, "source": source, "by": triggered_by, "payload": body}
+        for one in chosen
+    ]
 
 
 async def trigger_sync(
@@ -54,11 +56,13 @@ async def trigger_sync(
 ) -> list[int]:
     """Request runs of `job` (every scope when none is given); returns run ids."""
     ids: list[int] = []
-    query = _query(schema)
+    q = for_schema(schema)
+    query = q["trigger_for_caller"].composed
     try:
         for params in _calls(job, scope, scopes, source, triggered_by, payload):
-            cur = await conn.execute(query, params)
-            ids.extend(int(row[0]) for row in await cur.fetchall())
+            async with conn.cursor(row_factory=_ROW) as cur:
+                await cur.execute(query, params)
+                ids.extend(int(row.run_id) for row in await cur.fetchall())
     except psycopg.errors.InvalidParameterValue as exc:
         raise TriggerError(_message(exc)) from None
     return ids
@@ -77,11 +81,13 @@ def trigger_sync_blocking(
 ) -> list[int]:
     """The same as trigger_sync, on a blocking psycopg connection."""
     ids: list[int] = []
-    query = _query(schema)
+    q = for_schema(schema)
+    query = q["trigger_for_caller"].composed
     try:
         for params in _calls(job, scope, scopes, source, triggered_by, payload):
-            cur = conn.execute(query, params)
-            ids.extend(int(row[0]) for row in cur.fetchall())
+            with conn.cursor(row_factory=_ROW) as cur:
+                cur.execute(query, params)
+                ids.extend(int(row.run_id) for row in cur.fetchall())
     except psycopg.errors.InvalidParameterValue as exc:
         raise TriggerError(_message(exc)) from None
     return ids

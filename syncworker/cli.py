@@ -25,12 +25,12 @@ import typer
 from syncworker import follow, schedule
 from syncworker.api import TriggerError, trigger_sync
 from syncworker.config import ConfigError, Settings, config_path, load_config
+from syncworker.db import Store, session
 from syncworker.dberrors import config_problem
 from syncworker.exits import EX_SOFTWARE
 from syncworker.logs import forward_library_logs, make_logger, redact
 from syncworker.status import render, to_json
 from syncworker.steps import resolve_job_steps
-from syncworker.store import Store
 from syncworker.version import VERSION
 
 if TYPE_CHECKING:
@@ -386,9 +386,7 @@ def check(config: ConfigOpt = None, database_url: DatabaseOpt = None) -> None:
     async def ping() -> str:
         conn = await _connect(settings)
         async with conn:
-            cur = await conn.execute("SELECT current_setting('server_version')")
-            row = await cur.fetchone()
-            return str(row[0]) if row else "?"
+            return await session.server_version(conn)
 
     typer.echo(f"database: reachable (PostgreSQL {_run_async(ping)})")
     typer.echo("config: ok")

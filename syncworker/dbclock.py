@@ -5,7 +5,7 @@ agree on when a fire is due. Their own clocks may not (a host an hour off,
 NTP not running): one ahead would take every fire early and move
 `last_fire_at` into the future, one behind would never fire. So the
 scheduler reads the database's clock at each pass and schedules by it; the
-claim itself also refuses a fire later than the database's now (store.py).
+claim itself also refuses a fire later than the database's now (db/sql/queries/fires.sql).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 
 import psycopg
 from structlog.typing import FilteringBoundLogger
+
+from syncworker.db import session
 
 # An offset past this is logged (`clock_skew`): a host clock that is off
 # tells of a broken NTP set-up, which other software on it will suffer from.
@@ -38,12 +40,10 @@ class DbClock:
         """Read the offset: the database's clock_timestamp() against the
         middle of our round trip for it."""
         sent = time.time()
-        cur = await conn.execute("SELECT clock_timestamp()")
-        row = await cur.fetchone()
+        theirs = await session.clock(conn)
         back = time.time()
-        if row is None:
+        if theirs is None:
             return
-        theirs: datetime = row[0]
         self.offset = theirs.timestamp() - (sent + back) / 2
         self._report()
 

@@ -16,11 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
+from syncworker.db import Store, session
 from syncworker.events import parse_run_event
 from syncworker.progress import TERMINAL, ProgressView
-from syncworker.store import Store
 
 # trigger --wait re-reads its runs this often in case an event was missed,
 # and redraws a terminal's progress lines this often for their elapsed times.
@@ -32,7 +31,7 @@ WATCH_DEBOUNCE = 0.5
 
 async def listen(conn: psycopg.AsyncConnection[Any], channel: str) -> None:
     """Listen on the events channel; before acting, so no event slips past."""
-    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+    await session.listen(conn, channel)
 
 
 async def wait_for_runs(

@@ -20,10 +20,10 @@ import psycopg
 from structlog.typing import FilteringBoundLogger
 
 from syncworker.config import ConfigError, http_address
+from syncworker.db import Store
 from syncworker.logs import redact
 from syncworker.metrics import CONTENT_TYPE, Metrics, read_snapshot
 from syncworker.status import to_json
-from syncworker.store import Store
 
 MAX_LINE = 8192  # one request line or header line
 MAX_HEAD = 32768  # request line and headers together

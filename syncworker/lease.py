@@ -5,9 +5,9 @@ A heartbeat write sent at monotonic time `s` and answered before the lease
 in force expired extends it to `s + self_fence_after`. Peers take a worker's
 runs over only once its `heartbeat_at` (written by the database clock at the
 write, so not before `s`) is older than `takeover_after` by the database
-clock (store.py `_GONE`). `self_fence_after < takeover_after`, and the
-difference is the margin for the clocks' rate difference and for stopping
-the steps (README "Self-fencing" has the argument).
+clock (db/sql/queries/liveness.sql, fragment worker_gone). `self_fence_after
+< takeover_after`, and the difference is the margin for the clocks' rate
+difference and for stopping the steps (README "Self-fencing" has the argument).
 
 A lease answered late (after the one in force expired) starts a new epoch:
 a peer may have taken the runs over in the gap, so a run whose token belongs

@@ -14,7 +14,8 @@ import secrets
 from typing import Any
 
 import psycopg
-from psycopg import sql
+
+from syncworker.db import session
 
 # A direct session delivers its own notification with the NOTIFY's result:
 # a second is generous even on a slow link.
@@ -34,8 +35,8 @@ async def notifications_arrive(conninfo: str, kwargs: dict[str, Any]) -> bool:
         await psycopg.AsyncConnection.connect(conninfo, autocommit=True, **kwargs) as listener,
         await psycopg.AsyncConnection.connect(conninfo, autocommit=True, **kwargs) as sender,
     ):
-        await listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-        await sender.execute("SELECT pg_notify(%s, 'probe')", (channel,))
+        await session.listen(listener, channel)
+        await session.notify_probe(sender, channel)
         async for _ in listener.notifies(timeout=PROBE_DEADLINE, stop_after=1):
             return True
         return False

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
-from psycopg import sql
+
+from syncworker.db import queries
+from syncworker.db.queries import for_schema
+from syncworker.db.rows import JobName, LastSuccess, PendingCount
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -28,30 +31,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Runs go from seconds to the default one-hour timeout and beyond.
 DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
-_JOBS = "SELECT name FROM {s}.jobs"
-_PENDING = "SELECT job, count(*) FROM {s}.runs WHERE status = 'pending' GROUP BY job"
-# Runs grow without bound, so no max() over all of them on every scrape: the
-# runs of a key never overlap, so its newest succeeded run finished last, and
-# runs_by_job finds it reading only the runs since. The ORDER BY names the
-# index's columns so the planner keeps to it (`scope IS NULL` is no equality).
-_LAST_SUCCESS = """
-SELECT j.name, k.scope, extract(epoch FROM l.finished_at)::float8
-FROM {s}.jobs j
-CROSS JOIN LATERAL unnest(coalesce(j.scopes, ARRAY[NULL::text])) AS k(scope)
-CROSS JOIN LATERAL (
-    (SELECT r.finished_at FROM {s}.runs r
-     WHERE k.scope IS NOT NULL AND r.job = j.name AND r.scope = k.scope
-       AND r.status = 'succeeded'
-     ORDER BY r.job, r.scope, r.id DESC LIMIT 1)
-    UNION ALL
-    (SELECT r.finished_at FROM {s}.runs r
-     WHERE k.scope IS NULL AND r.job = j.name AND r.scope IS NULL
-       AND r.status = 'succeeded'
-     ORDER BY r.job, r.scope, r.id DESC LIMIT 1)
-) l
-WHERE l.finished_at IS NOT NULL
-"""
-
 
 @dataclass(frozen=True)
 class DbSnapshot:
@@ -62,15 +41,15 @@ class DbSnapshot:
 
 
 async def read_snapshot(conn: psycopg.AsyncConnection[Any], schema: str) -> DbSnapshot:
-    s = sql.Identifier(schema)
+    q = for_schema(schema)
     # Every job shows, at 0 when nothing waits: absent is not zero to an alert
     # rule. The jobs table, not this worker's config, since a reload changes it.
-    cur = await conn.execute(sql.SQL(_JOBS).format(s=s))
-    pending = {str(name): 0 for (name,) in await cur.fetchall()}
-    cur = await conn.execute(sql.SQL(_PENDING).format(s=s))
-    pending.update({str(job): int(n) for job, n in await cur.fetchall()})
-    cur = await conn.execute(sql.SQL(_LAST_SUCCESS).format(s=s))
-    last = [(str(job), scope, float(ts)) for job, scope, ts in await cur.fetchall()]
+    jobs = await queries.many(conn, q["metrics_jobs"], None, JobName)
+    pending = {str(j.name): 0 for j in jobs}
+    counts = await queries.many(conn, q["metrics_pending"], None, PendingCount)
+    pending.update({str(c.job): int(c.pending) for c in counts})
+    rows = await queries.many(conn, q["metrics_last_success"], None, LastSuccess)
+    last = [(str(r.job), r.scope, float(r.finished_at)) for r in rows]
     return DbSnapshot(pending=pending, last_success=last)
 
 

@@ -1,6 +1,11 @@
 """What `mirror` needs from the catalog, and the statements it runs.
 
 Every identifier goes through psycopg.sql; values are always parameters.
+
+The one place outside syncworker/db/ that holds SQL, on purpose: these
+statements are built per user table, from its columns and key as the
+catalog reports them, so there is no fixed text to name in
+db/sql/queries/. tests/test_security.py lists this module as the exception.
 """
 
 from __future__ import annotations

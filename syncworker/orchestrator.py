@@ -23,9 +23,9 @@ from syncworker.aio import cancel_and_wait, wait_event
 from syncworker.config import JobConfig
 from syncworker.context import StopRequest, SyncContext
 from syncworker.counters import Counters
+from syncworker.db import ClaimedRun, Store
 from syncworker.dberrors import TRANSIENT
 from syncworker.steps import Step, StepFailed
-from syncworker.store import ClaimedRun, Store
 
 T = TypeVar("T")
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]

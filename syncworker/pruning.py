@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from structlog.typing import FilteringBoundLogger
 
-from syncworker.store import Store
+from syncworker.db import Store
 
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 

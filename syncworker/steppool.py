@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from syncworker.config import Settings
 from syncworker.daemon.connsettings import KEEPALIVES
+from syncworker.db import session
 
 
 async def reset(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -36,7 +37,7 @@ async def reset(conn: psycopg.AsyncConnection[Any]) -> None:
     # Session state of every kind: settings and SET ROLE, temporary tables,
     # prepared statements, LISTENs, advisory locks. psycopg forgets its own
     # prepared statements when it sees DISCARD ALL's command tag.
-    await conn.execute("DISCARD ALL")
+    await session.reset(conn)
 
 
 def make_step_pool(

@@ -21,13 +21,13 @@ from syncworker.aio import Background, cancel_and_wait
 from syncworker.daemon.catalog import Catalog
 from syncworker.daemon.lifecycle import Lifecycle
 from syncworker.daemon.slots import Slots
+from syncworker.db import ClaimedRun, Store
 from syncworker.dberrors import TRANSIENT
 from syncworker.exits import EX_SOFTWARE
 from syncworker.lease import Lease, Token
 from syncworker.metrics import Metrics
 from syncworker.orchestrator import RunEnv, execute_run
 from syncworker.steps import Step
-from syncworker.store import ClaimedRun, Store
 
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 

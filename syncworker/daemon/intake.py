@@ -21,10 +21,10 @@ from syncworker.aio import Background
 from syncworker.daemon.catalog import Catalog
 from syncworker.daemon.connsettings import LISTENER_LOCK_TIMEOUT
 from syncworker.daemon.slots import Slots
+from syncworker.db import ClaimedRun, Store
 from syncworker.lease import Lease, Token
 from syncworker.metrics import Metrics
 from syncworker.steps import Step
-from syncworker.store import ClaimedRun, Store
 from syncworker.triggers import Rejected, TriggerRequest, parse_notification
 
 # Deferred enqueues that may wait on locks at once, each holding a pooled

@@ -19,11 +19,11 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from structlog.typing import FilteringBoundLogger
 
 from syncworker.config import Settings
 from syncworker.daemon.connsettings import INITIAL_BACKOFF, KEEPALIVES, MAX_BACKOFF
+from syncworker.db import session
 from syncworker.dberrors import TRANSIENT
 
 OnConnect = Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
@@ -70,7 +70,7 @@ async def listen_forever(
         try:
             async with conn:
                 for channel in channels:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    await session.listen(conn, channel)
                 await on_connect(conn)
                 delay = INITIAL_BACKOFF
                 if disconnected_since is not None:
@@ -117,7 +117,7 @@ async def _ping(conn: psycopg.AsyncConnection[Any], deadline: float) -> list[psy
     loop = asyncio.get_running_loop()
     give_up = loop.time() + deadline
     pgconn = conn.pgconn
-    pgconn.send_query(b"SELECT 1")
+    pgconn.send_query(session.ping_bytes())
     while pgconn.flush() != 0:  # the kernel's buffer is full: the network stalls
         if loop.time() >= give_up:
             raise _unanswered(deadline)
@@ -243,7 +243,7 @@ class Listener:
         while True:
             try:
                 async with self._connect() as conn:
-                    await conn.execute("SELECT 1")
+                    await session.ping(conn)
                 now_up = True
             except TRANSIENT as exc:
                 now_up = False

@@ -28,10 +28,10 @@ from syncworker.aio import wait_event
 from syncworker.daemon.connsettings import MAX_BACKOFF
 from syncworker.daemon.lifecycle import Lifecycle
 from syncworker.daemon.slots import Slots
+from syncworker.db import Store
 from syncworker.dberrors import TRANSIENT_OR_TIMEOUT
 from syncworker.lease import Lease
 from syncworker.orchestrator import RunEnv
-from syncworker.store import Store
 from syncworker.version import VERSION
 
 # How long after a change of state (idle, running, draining) it is written.

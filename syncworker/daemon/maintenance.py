@@ -19,8 +19,8 @@ import psycopg
 from structlog.typing import FilteringBoundLogger
 
 from syncworker import systemd
+from syncworker.db import Store
 from syncworker.pruning import prune_pass
-from syncworker.store import Store
 
 PRUNE_EVERY = 3600.0
 

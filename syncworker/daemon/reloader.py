@@ -21,10 +21,10 @@ from structlog.typing import FilteringBoundLogger
 from syncworker import systemd
 from syncworker.config import ConfigError, JobConfig, Settings
 from syncworker.daemon.catalog import Catalog, resolve
+from syncworker.db import Store
 from syncworker.dberrors import TRANSIENT
 from syncworker.lease import Lease, LeaseTiming
 from syncworker.reload import plan_reload
-from syncworker.store import Store
 
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 

@@ -23,11 +23,11 @@ from syncworker.aio import Background
 from syncworker.daemon.catalog import Catalog
 from syncworker.daemon.connsettings import LISTENER_LOCK_TIMEOUT
 from syncworker.daemon.slots import Slots
+from syncworker.db import ClaimedRun, Store
 from syncworker.dberrors import TRANSIENT
 from syncworker.events import reserved_run_id
 from syncworker.lease import Lease, Token
 from syncworker.steps import Step
-from syncworker.store import ClaimedRun, Store
 
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 

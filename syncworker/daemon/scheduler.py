@@ -21,8 +21,8 @@ from syncworker import schedule
 from syncworker.aio import wait_event
 from syncworker.config import JobConfig
 from syncworker.daemon.catalog import Catalog
+from syncworker.db import Store, fetch_scopes
 from syncworker.dberrors import TRANSIENT
-from syncworker.store import Store, fetch_scopes
 
 # A fire noticed later than this counts as missed (misfire policy applies).
 MISFIRE_GRACE = 60.0

@@ -19,9 +19,9 @@ from syncworker.aio import cancel_and_wait, wait_event
 from syncworker.config import ConfigError, Settings
 from syncworker.daemon.catalog import Catalog
 from syncworker.daemon.connsettings import KEEPALIVES
+from syncworker.db import Store
 from syncworker.dberrors import TRANSIENT, config_problem
 from syncworker.listenprobe import notifications_arrive
-from syncworker.store import Store
 
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 OnConnection = Callable[[psycopg.AsyncConnection[Any]], Awaitable[Any]]

@@ -36,6 +36,7 @@ from syncworker.daemon.reservations import Reservations
 from syncworker.daemon.scheduler import Scheduler
 from syncworker.daemon.slots import Slots
 from syncworker.daemon.startup import Startup
+from syncworker.db import Store
 from syncworker.dbclock import DbClock
 from syncworker.events import is_reservation
 from syncworker.http import start_http, worker_routes
@@ -43,7 +44,6 @@ from syncworker.lease import Lease, LeaseTiming
 from syncworker.logs import make_logger
 from syncworker.metrics import Metrics
 from syncworker.orchestrator import RunEnv
-from syncworker.store import Store
 from syncworker.version import VERSION
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from syncworker.store import Store
+from syncworker.db import Store
 from tests.db.test_trigger_sql import JOBS  # solo, pfa (two scopes), off (disabled)
 from tests.harness import cli, query, write_config
 

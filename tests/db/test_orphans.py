@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from syncworker.store import Store
+from syncworker.db import Store
 from tests.harness import cli, execute, query, write_config
 
 JOBS = """

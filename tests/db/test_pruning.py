@@ -13,9 +13,9 @@ from typing import Any
 import psycopg
 
 from syncworker.config import JobConfig
+from syncworker.db import Store
 from syncworker.logs import make_logger
 from syncworker.pruning import prune_pass
-from syncworker.store import Store
 from tests.harness import execute, query
 
 # 20,000 old runs over a scoped job (3 scopes) and an unscoped one, each with

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from syncworker.store import lock_namespace
+from syncworker.db import lock_namespace
 from tests.harness import cli, query, wait_until, write_config
 
 JOBS = """

@@ -38,6 +38,7 @@ PURE = {
     "daemon/catalog",
     "daemon/lifecycle",
     "daemon/connsettings",
+    "db/sqlfile",
 }
 
 

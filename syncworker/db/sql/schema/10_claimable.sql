@@ -1,0 +1,30 @@
+-- claimable(jobs): the run a claim takes, picked and locked (004, 005).
+--
+-- The oldest pending run of one of `jobs` whose key is not running and that
+-- is reserved for no worker, FOR UPDATE SKIP LOCKED; the claim statement
+-- (claim_next in db/sql/queries/runs.sql) updates it in the same
+-- transaction. With sorting switched off for this one query the plan left is
+-- the walk up runs_active in id order that stops at the first run that fits:
+-- with the statistics sampled while almost nothing is pending, the planner
+-- preferred to read every pending run and sort, and a claim cost in
+-- proportion to the backlog. runs_one_running_per_key still guards the
+-- one-running-per-key rule. Only the worker calls it.
+
+CREATE FUNCTION __SCHEMA__.claimable(jobs text[]) RETURNS SETOF bigint
+LANGUAGE sql
+ROWS 1
+SET enable_sort = off
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT p.id FROM __SCHEMA__.runs p
+    WHERE p.status = 'pending' AND p.job = ANY(jobs) AND p.reserved_for IS NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM __SCHEMA__.runs x
+          WHERE x.status = 'running' AND x.job = p.job
+            AND coalesce(x.scope, '') = coalesce(p.scope, ''))
+    ORDER BY p.id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+$fn$;
+
+REVOKE EXECUTE ON FUNCTION __SCHEMA__.claimable(text[]) FROM PUBLIC;

@@ -1,0 +1,172 @@
+-- trigger(job, scope, source, triggered_by, payload, scheduled_for): the one
+-- way runs are requested (001; reservations from 005, one write per trigger
+-- from 006, a two-field wake from 007, each worker's own lease from 009).
+--
+-- The CLI, the Python API, the worker's cron fires and NOTIFY triggers all
+-- come through here, so validation and coalescing live in one place: an
+-- unknown or disabled job, an unknown scope or a payload that is not an
+-- object is an error (22023); a trigger of a key with a run pending joins it
+-- (ON CONFLICT on runs_one_pending_per_key) and gets its id back. Returns
+-- one row per run created or joined.
+--
+-- A single new run without a payload, of a key with nothing pending or
+-- running, is written reserved for a live worker that runs the job with a
+-- slot free (alive: its liveness lock is held and its heartbeat younger than
+-- its takeover_after), the least busy first, and the wake names only the
+-- worker and the run. The key's transaction advisory lock is taken first:
+-- the reads decide the write, and of two deciding on one key the second
+-- reads after the first commits. Under REPEATABLE READ or SERIALIZABLE no
+-- reservation is made. Otherwise the job's name goes out on the wake channel
+-- at commit.
+--
+-- SECURITY DEFINER: an app role that may only EXECUTE it requests runs
+-- without write access to the tables; EXECUTE is revoked from PUBLIC (002)
+-- and granted per role (README "Least-privilege roles"). A new signature is
+-- a new function, executable by PUBLIC until revoked in its migration.
+
+CREATE FUNCTION __SCHEMA__.trigger(
+    job           text,
+    scope         text DEFAULT NULL,
+    source        text DEFAULT 'sql',
+    triggered_by  text DEFAULT current_user,
+    payload       jsonb DEFAULT '{}',
+    scheduled_for timestamptz DEFAULT NULL
+) RETURNS TABLE (run_id bigint, created boolean)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    j          __SCHEMA__.jobs%ROWTYPE;
+    one_scope  text;
+    scope_list text[];
+    reservable boolean;
+    candidate  record;
+    taker      text;
+BEGIN
+    IF trigger.job IS NULL THEN
+        RAISE EXCEPTION 'syncworker: job must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    SELECT * INTO j FROM __SCHEMA__.jobs WHERE name = trigger.job;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'syncworker: unknown job %', quote_literal(trigger.job)
+            USING ERRCODE = '22023',
+                  HINT = 'known jobs: ' || coalesce(
+                      (SELECT string_agg(name, ', ' ORDER BY name) FROM __SCHEMA__.jobs), 'none');
+    END IF;
+    IF NOT j.enabled THEN
+        RAISE EXCEPTION 'syncworker: job % is disabled', quote_literal(j.name) USING ERRCODE = '22023';
+    END IF;
+    IF trigger.payload IS NULL OR jsonb_typeof(trigger.payload) <> 'object' THEN
+        RAISE EXCEPTION 'syncworker: payload must be a JSON object' USING ERRCODE = '22023';
+    END IF;
+
+    IF j.scopes IS NULL THEN
+        IF trigger.scope IS NOT NULL THEN
+            RAISE EXCEPTION 'syncworker: job % has no scopes, but scope % was given',
+                quote_literal(j.name), quote_literal(trigger.scope) USING ERRCODE = '22023';
+        END IF;
+        scope_list := ARRAY[NULL::text];
+    ELSIF trigger.scope IS NULL THEN
+        scope_list := j.scopes;
+    ELSIF trigger.scope = ANY (j.scopes) THEN
+        scope_list := ARRAY[trigger.scope];
+    ELSE
+        RAISE EXCEPTION 'syncworker: unknown scope % for job %',
+            quote_literal(trigger.scope), quote_literal(j.name)
+            USING ERRCODE = '22023', HINT = 'scopes: ' || array_to_string(j.scopes, ', ');
+    END IF;
+
+    reservable := cardinality(scope_list) = 1 AND trigger.payload = '{}'::jsonb
+        AND current_setting('transaction_isolation') = 'read committed';
+
+    FOREACH one_scope IN ARRAY scope_list LOOP
+        IF j.on_overlap = 'skip' AND EXISTS (
+            SELECT 1 FROM __SCHEMA__.runs r
+            WHERE r.job = j.name AND r.scope IS NOT DISTINCT FROM one_scope AND r.status = 'running'
+        ) THEN
+            INSERT INTO __SCHEMA__.runs AS r
+                (job, scope, status, source, triggered_by, payload, scheduled_for,
+                 finished_at, duration_ms, max_attempts, error)
+            VALUES (j.name, one_scope, 'skipped', trigger.source, trigger.triggered_by,
+                    trigger.payload, trigger.scheduled_for, now(), 0, j.retries + 1,
+                    'skipped: a run of this key was running (on_overlap = skip)')
+            RETURNING r.id, true INTO run_id, created;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+
+        -- One run, without a payload (its notification goes out on a channel
+        -- any role may LISTEN to), of a key with nothing pending or running:
+        -- reserved for a live worker that runs the job with a slot free,
+        -- counting the runs it has and those reserved for it, the least busy
+        -- first. The key's lock first: the reads below decide the write.
+        taker := NULL;
+        IF reservable THEN
+            PERFORM pg_advisory_xact_lock(
+                (__LOCK_NS__)::bigint << 32
+                | (hashtext(j.name || E'\x1f' || coalesce(one_scope, '')) & 4294967295));
+        END IF;
+        IF reservable AND NOT EXISTS (
+            SELECT 1 FROM __SCHEMA__.runs r
+            WHERE r.job = j.name AND coalesce(r.scope, '') = coalesce(one_scope, '')
+              AND r.status = 'running'
+        ) AND NOT EXISTS (
+            SELECT 1 FROM __SCHEMA__.runs r
+            WHERE r.job = j.name AND coalesce(r.scope, '') = coalesce(one_scope, '')
+              AND r.status = 'pending'
+        ) THEN
+            FOR candidate IN
+                SELECT w.id, w.lock_key FROM __SCHEMA__.workers w
+                WHERE w.state IN ('idle', 'running') AND w.first_steps ? j.name
+                  AND w.reserve_by_id
+                  -- Not one that has been silent long enough to be taken over.
+                  AND (w.takeover_after IS NULL
+                       OR w.heartbeat_at > now() - make_interval(secs => w.takeover_after))
+                  AND w.concurrency > (
+                      SELECT count(*) FROM __SCHEMA__.runs r
+                      WHERE r.worker_id = w.id AND r.status = 'running')
+                    + (SELECT count(*) FROM __SCHEMA__.runs r
+                       WHERE r.reserved_for = w.id AND r.status = 'pending')
+                ORDER BY w.state <> 'idle', w.heartbeat_at DESC
+                LIMIT 3
+            LOOP
+                -- Alive: its session holds the liveness lock exclusively, so
+                -- a shared try fails (and one that succeeds is let go at once).
+                IF pg_try_advisory_lock_shared(__LOCK_NS__, candidate.lock_key) THEN
+                    PERFORM pg_advisory_unlock_shared(__LOCK_NS__, candidate.lock_key);
+                    CONTINUE;
+                END IF;
+                taker := candidate.id;
+                EXIT;
+            END LOOP;
+        END IF;
+
+        INSERT INTO __SCHEMA__.runs AS r
+            (job, scope, status, source, triggered_by, payload, scheduled_for, max_attempts,
+             reserved_for)
+        VALUES (j.name, one_scope, 'pending', trigger.source, trigger.triggered_by,
+                trigger.payload, trigger.scheduled_for, j.retries + 1, taker)
+        ON CONFLICT (job, (coalesce(scope, ''))) WHERE status = 'pending'
+        DO UPDATE SET triggers = r.triggers + 1,
+                      scheduled_for = coalesce(r.scheduled_for, excluded.scheduled_for)
+        RETURNING r.id, (r.xmax = 0) INTO run_id, created;
+        RETURN NEXT;
+
+        IF taker IS NOT NULL AND created THEN
+            -- A new run: its fields are the ones just inserted.
+            -- Only whom it is for and which run: the worker reads the rest
+            -- from the row its claim returns.
+            PERFORM pg_notify(__WAKE__, json_build_object(
+                'reserved_for', taker, 'id', run_id)::text);
+            RETURN;
+        END IF;
+    END LOOP;
+
+    -- Delivered at commit: workers wake only once the runs are visible.
+    PERFORM pg_notify(__WAKE__, j.name);
+END
+$fn$;
+
+REVOKE EXECUTE ON FUNCTION __SCHEMA__.trigger(text, text, text, text, jsonb, timestamptz) FROM PUBLIC;
