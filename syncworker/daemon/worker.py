@@ -310,7 +310,7 @@ class Worker:
             listener = tg.create_task(self._listener.run(), name="listener")
             liveness = tg.create_task(self._liveness.run(), name="heartbeat")
             watchdog = tg.create_task(self._maintenance.watchdog(), name="watchdog")
-            intake = [
+            taking_work = [
                 tg.create_task(self._scheduler.run(), name="scheduler"),
                 tg.create_task(self._executor.run(), name="executor"),
                 tg.create_task(self._reloader.run(), name="reloader"),
@@ -320,7 +320,7 @@ class Worker:
             # 1. Take no new work. The listener stays up while runs drain,
             #    because its session holds the lock that marks this worker
             #    alive; what it hears now is enqueued, never claimed here.
-            await cancel_and_wait(intake)
+            await cancel_and_wait(taking_work)
             # 2. A claim in flight becomes a run to drain: none may answer
             #    after the drain looked, and none begins now (_free_slot).
             await self._executor.settle_claims()
