@@ -26,7 +26,7 @@ from syncworker import follow, schedule
 from syncworker.api import TriggerError, trigger_sync
 from syncworker.config import ConfigError, Settings, config_path, load_config
 from syncworker.db import Store, session
-from syncworker.dberrors import config_problem
+from syncworker.dberrors import config_problem, first_line
 from syncworker.exits import EX_SOFTWARE
 from syncworker.logs import forward_library_logs, make_logger, redact
 from syncworker.status import render, to_json
@@ -143,7 +143,7 @@ def _run_async(coro: Callable[[], Awaitable[T]]) -> T:
     except ConfigError as exc:  # found only against the database: a scopes_sql
         _fail(EX_CONFIG, f"config error: {exc}")
     except psycopg.errors.InsufficientPrivilege as exc:
-        reason = str(exc).strip().splitlines()[0]
+        reason = first_line(exc)
         _fail(
             EX_NOPERM,
             f"permission denied: {reason} (the roles each command needs:"
@@ -211,7 +211,7 @@ def run(
         except ConfigError as exc:
             _fail(EX_CONFIG, _config_error(exc))
         except psycopg.errors.InsufficientPrivilege as exc:
-            reason = str(exc).strip().splitlines()[0]
+            reason = first_line(exc)
             _fail(EX_NOPERM, f"permission denied: {reason} (README, 'Least-privilege roles')")
         except SystemExit as exc:
             # sys.exit() out of the loop itself (a task a step started): the

@@ -54,3 +54,11 @@ def config_problem(exc: BaseException) -> str | None:
     if found is None:
         return None
     return " ".join(text[found.start() :].split())
+
+
+def first_line(exc: BaseException, empty: str | None = None) -> str:
+    """The first line of an error's message, for a log line; `empty` (by
+    default the error's type name) when it has none: a driver error with an
+    empty message must not raise IndexError in the handler meant for it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else (empty or type(exc).__name__)

@@ -3,8 +3,8 @@ next release)."""
 
 import warnings
 
-from syncworker.daemon.connsettings import KEEPALIVES, MAX_BACKOFF
-from syncworker.daemon.listener import listen_forever
+from syncworker.daemon.connsettings import INITIAL_BACKOFF, KEEPALIVES, MAX_BACKOFF
+from syncworker.daemon.listener import OnConnect, OnNotify, OnState, listen_forever
 
 warnings.warn(
     "syncworker.listener is deprecated; use syncworker.daemon.listener",
@@ -12,4 +12,12 @@ warnings.warn(
     stacklevel=2,
 )
 
-__all__ = ["KEEPALIVES", "MAX_BACKOFF", "listen_forever"]
+__all__ = [
+    "INITIAL_BACKOFF",
+    "KEEPALIVES",
+    "MAX_BACKOFF",
+    "OnConnect",
+    "OnNotify",
+    "OnState",
+    "listen_forever",
+]

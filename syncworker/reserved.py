@@ -4,6 +4,7 @@ release."""
 
 import warnings
 
+from syncworker.daemon.reservations import Connect, claim
 from syncworker.events import is_reservation, reserved_run_id
 
 warnings.warn(
@@ -12,4 +13,4 @@ warnings.warn(
     stacklevel=2,
 )
 
-__all__ = ["is_reservation", "reserved_run_id"]
+__all__ = ["Connect", "claim", "is_reservation", "reserved_run_id"]

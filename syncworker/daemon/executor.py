@@ -9,7 +9,7 @@ the claim is sent: the lease must hold from then on (lease.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -18,16 +18,15 @@ from structlog.typing import FilteringBoundLogger
 
 from syncworker import runtime
 from syncworker.aio import Background, cancel_and_wait
-from syncworker.daemon.catalog import Catalog
+from syncworker.daemon.catalog import Catalog, Snapshot
 from syncworker.daemon.lifecycle import Lifecycle
 from syncworker.daemon.slots import Slots
 from syncworker.db import ClaimedRun, Store
-from syncworker.dberrors import TRANSIENT
+from syncworker.dberrors import TRANSIENT, first_line
 from syncworker.exits import EX_SOFTWARE
 from syncworker.lease import Lease, Token
 from syncworker.metrics import Metrics
 from syncworker.orchestrator import RunEnv, execute_run
-from syncworker.steps import Step
 
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 
@@ -88,22 +87,25 @@ class Executor:
         # The steps as they are now: a reload during the claim must not make
         # the run start other steps than the one the claim recorded.
         snapshot = self._catalog.now
-        steps, first = snapshot.steps, snapshot.first_steps
+        first = snapshot.first_steps
         # Taken before the claim is sent: the lease must hold from then on.
         token = self._lease.token()
         try:
             async with self._connect() as conn:
                 run = await self._store.claim(conn, self._worker_id, snapshot.claimable, first)
         except TRANSIENT as exc:
-            self._log.warning("claim_failed", error=str(exc).strip().splitlines()[0])
+            self._log.warning("claim_failed", error=first_line(exc))
             return False  # the listener's reconnect wakes us again
         if run is None:
             return False
-        self.start_run(run, steps[run.job], "claim", token)
+        self.start_run(run, snapshot, "claim", token)
         return True
 
-    def start_run(self, run: ClaimedRun, steps: Sequence[Step], via: str, token: Token) -> None:
-        """`token` is the lease's, taken before the claim was sent."""
+    def start_run(self, run: ClaimedRun, snapshot: Snapshot, via: str, token: Token) -> None:
+        """Start a claimed run with the job and steps of `snapshot`, the one
+        its claim saw (a reload meanwhile does not change them, nor remove
+        the job from under it); `token` is the lease's, taken before the
+        claim was sent."""
         env = RunEnv(
             store=self._store,
             connect=self._connect,
@@ -115,7 +117,7 @@ class Executor:
         )
         work = self._run_work(run)
         task = asyncio.create_task(
-            execute_run(run, self._catalog.now.jobs[run.job], steps, env),
+            execute_run(run, snapshot.jobs[run.job], snapshot.steps[run.job], env),
             name=f"run-{run.id}",
             context=runtime.context_for(work),
         )

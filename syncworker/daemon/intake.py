@@ -18,13 +18,13 @@ import psycopg
 from structlog.typing import FilteringBoundLogger
 
 from syncworker.aio import Background
-from syncworker.daemon.catalog import Catalog
+from syncworker.daemon.catalog import Catalog, Snapshot
 from syncworker.daemon.connsettings import LISTENER_LOCK_TIMEOUT
 from syncworker.daemon.slots import Slots
 from syncworker.db import ClaimedRun, Store
+from syncworker.dberrors import first_line
 from syncworker.lease import Lease, Token
 from syncworker.metrics import Metrics
-from syncworker.steps import Step
 from syncworker.triggers import Rejected, TriggerRequest, parse_notification
 
 # Deferred enqueues that may wait on locks at once, each holding a pooled
@@ -48,7 +48,7 @@ class Intake:
         log: FilteringBoundLogger,
         metrics: Metrics,
         free_slot: Callable[[], bool],
-        start_run: Callable[[ClaimedRun, Sequence[Step], str, Token], None],
+        start_run: Callable[[ClaimedRun, Snapshot, str, Token], None],
         wake: Callable[[], None],
     ) -> None:
         self._worker_id = worker_id
@@ -146,7 +146,7 @@ class Intake:
             return
         except psycopg.Error as exc:
             self._metrics.count_trigger("failed")
-            self._log.error("trigger_failed", error=str(exc).strip().splitlines()[0])
+            self._log.error("trigger_failed", error=first_line(exc))
             return
         # One outcome per notification: this, trigger_rejected or trigger_failed.
         # No wake-up of our own: trigger()'s notification wakes every worker,
@@ -190,7 +190,8 @@ class Intake:
     ) -> list[dict[str, Any]]:
         """A lone request: the run it creates may be claimed for us by the
         same call (trigger_and_claim), and start on its answer."""
-        job_steps = self._catalog.now.steps.get(req.job)  # as the claim records them
+        snapshot = self._catalog.now  # the run starts with what its claim saw
+        job_steps = snapshot.steps.get(req.job)  # as the claim records them
         first = job_steps[0].name if claim and job_steps and self._free_slot() else None
         # Taken before the claim is sent: the lease must hold from then on.
         token = self._lease.token()
@@ -211,7 +212,7 @@ class Intake:
                 claimed_runs = [claimed for _, _, claimed in made if claimed is not None]
                 if job_steps:  # set whenever a run was claimed: `first` needs it
                     for run in claimed_runs:
-                        self._start_run(run, job_steps, "trigger", token)
+                        self._start_run(run, snapshot, "trigger", token)
         finally:
             self._slots.starting -= first is not None
         if first is not None and not claimed_runs:

@@ -9,6 +9,7 @@ Each event has one writer: `stopping` and `force` the worker's stop(),
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -19,12 +20,13 @@ class Service(Protocol):
 
 
 class Lifecycle:
-    def __init__(self, drain_timeout: float) -> None:
+    def __init__(self, drain_timeout: Callable[[], float]) -> None:
+        """`drain_timeout` is read when the drain begins: a reload may change it."""
         self.stopping = asyncio.Event()  # a stop was asked: drain
         self.force = asyncio.Event()  # a second one: cancel at once
         self.ready = asyncio.Event()  # listening: triggers are heard
         self.db_up = asyncio.Event()
-        self.drain_timeout = drain_timeout  # a reload may change it
+        self.drain_timeout = drain_timeout
         # What the process should exit with: 70 once the worker stopped by
         # itself (an async step it could not cancel), never 0 then.
         self.exit_code = 0
@@ -33,7 +35,7 @@ class Lifecycle:
     def drain_by(self) -> float:
         """The drain's deadline, set at its first use after the stop."""
         if self._drain_deadline is None:
-            self._drain_deadline = asyncio.get_running_loop().time() + self.drain_timeout
+            self._drain_deadline = asyncio.get_running_loop().time() + self.drain_timeout()
         return self._drain_deadline
 
     def health(self, lease_valid: bool) -> str | None:

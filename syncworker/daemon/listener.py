@@ -24,7 +24,7 @@ from structlog.typing import FilteringBoundLogger
 from syncworker.config import Settings
 from syncworker.daemon.connsettings import INITIAL_BACKOFF, KEEPALIVES, MAX_BACKOFF
 from syncworker.db import session
-from syncworker.dberrors import TRANSIENT
+from syncworker.dberrors import TRANSIENT, first_line
 
 OnConnect = Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
 # Called with the listening session, free to run statements on until it
@@ -58,8 +58,8 @@ async def listen_forever(
             if disconnected_since is None:
                 disconnected_since = loop.time()
                 on_state(False)
-                log.warning("db_disconnected", error=_first_line(exc))
-            log.debug("db_reconnect_failed", retry_in=delay, error=_first_line(exc))
+                log.warning("db_disconnected", error=first_line(exc))
+            log.debug("db_reconnect_failed", retry_in=delay, error=first_line(exc))
             await asyncio.sleep(delay)  # backoff between reconnect attempts
             delay = min(delay * 2, MAX_BACKOFF)
             continue
@@ -102,7 +102,7 @@ async def listen_forever(
             if disconnected_since is None:
                 disconnected_since = loop.time()
                 on_state(False)
-                log.warning("db_disconnected", error=_first_line(exc))
+                log.warning("db_disconnected", error=first_line(exc))
 
 
 async def _ping(conn: psycopg.AsyncConnection[Any], deadline: float) -> list[psycopg.Notify]:
@@ -185,11 +185,6 @@ def _read(conn: psycopg.AsyncConnection[Any]) -> list[psycopg.Notify]:
     return found
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 
 
@@ -248,7 +243,7 @@ class Listener:
             except TRANSIENT as exc:
                 now_up = False
                 if up is not False:
-                    self._log.warning("db_disconnected", error=_first_line(exc))
+                    self._log.warning("db_disconnected", error=first_line(exc))
             if now_up != up:
                 if now_up and up is False:
                     self._log.info("db_reconnected")

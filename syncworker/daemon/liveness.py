@@ -29,7 +29,7 @@ from syncworker.daemon.connsettings import MAX_BACKOFF
 from syncworker.daemon.lifecycle import Lifecycle
 from syncworker.daemon.slots import Slots
 from syncworker.db import Store
-from syncworker.dberrors import TRANSIENT_OR_TIMEOUT
+from syncworker.dberrors import TRANSIENT_OR_TIMEOUT, first_line
 from syncworker.lease import Lease
 from syncworker.orchestrator import RunEnv
 from syncworker.version import VERSION
@@ -157,7 +157,7 @@ class Liveness:
                         if sweep:
                             await self._recover(conn)
             except TRANSIENT_OR_TIMEOUT as exc:
-                error = str(exc).strip().splitlines()[0] if str(exc).strip() else "timed out"
+                error = first_line(exc, "timed out")
                 self._log.warning("heartbeat_failed", error=error)
                 continue
             if sweep and state != "draining":
@@ -264,4 +264,4 @@ class Liveness:
                 await self._store.heartbeat(conn, self._worker_id, "stopped")
                 await self._store.release_reserved(conn, self._worker_id)
         except TRANSIENT_OR_TIMEOUT as exc:
-            self._log.warning("heartbeat_failed", error=str(exc).strip().splitlines()[0])
+            self._log.warning("heartbeat_failed", error=first_line(exc))

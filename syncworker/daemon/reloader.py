@@ -22,7 +22,7 @@ from syncworker import systemd
 from syncworker.config import ConfigError, JobConfig, Settings
 from syncworker.daemon.catalog import Catalog, resolve
 from syncworker.db import Store
-from syncworker.dberrors import TRANSIENT
+from syncworker.dberrors import TRANSIENT, first_line
 from syncworker.lease import Lease, LeaseTiming
 from syncworker.reload import plan_reload
 
@@ -105,7 +105,7 @@ class Reloader:
             self._log.error("config_reload_failed", error=str(exc), kept="the running config")
             return
         except (psycopg.Error, TimeoutError) as exc:
-            error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            error = first_line(exc, repr(exc))
             self._log.error("config_reload_failed", error=error, kept="the running config")
             return
         self._rebase_fires(old.jobs, jobs, fired)
@@ -117,7 +117,7 @@ class Reloader:
         except TRANSIENT as exc:
             # Reservations for a removed job are declined; new jobs go the
             # claim's way until the next reload or restart.
-            self._log.warning("offer_failed", error=str(exc).strip().splitlines()[0])
+            self._log.warning("offer_failed", error=first_line(exc))
         self._log.info(
             "config_reloaded",
             added=list(plan.added),

@@ -20,14 +20,13 @@ import psycopg
 from structlog.typing import FilteringBoundLogger
 
 from syncworker.aio import Background
-from syncworker.daemon.catalog import Catalog
+from syncworker.daemon.catalog import Catalog, Snapshot
 from syncworker.daemon.connsettings import LISTENER_LOCK_TIMEOUT
 from syncworker.daemon.slots import Slots
 from syncworker.db import ClaimedRun, Store
-from syncworker.dberrors import TRANSIENT
+from syncworker.dberrors import TRANSIENT, first_line
 from syncworker.events import reserved_run_id
 from syncworker.lease import Lease, Token
-from syncworker.steps import Step
 
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 
@@ -46,7 +45,7 @@ class Reservations:
         background: Background,
         log: FilteringBoundLogger,
         free_slot: Callable[[], bool],
-        start_run: Callable[[ClaimedRun, Sequence[Step], str, Token], None],
+        start_run: Callable[[ClaimedRun, Snapshot, str, Token], None],
         wake: Callable[[], None],
     ) -> None:
         self._worker_id = worker_id
@@ -141,11 +140,14 @@ class Reservations:
         """Claim; with `session` (the listener's), within its lock budget."""
         # The steps as they are now, as in the executor's claim.
         snapshot = self._catalog.now
-        steps, first = snapshot.steps, snapshot.first_steps
+        first = snapshot.first_steps
         connect: Connect = self._connect if session is None else (lambda: nullcontext(session))
         try:
-            run = await self._claim(
+            run = await claim(
+                self._store,
                 connect,
+                self._log,
+                self._worker_id,
                 run_id,
                 snapshot.claimable,
                 first,
@@ -157,7 +159,7 @@ class Reservations:
             self._log.debug("reservation_not_claimed", run_id=run_id)
             self._wake()  # the slot it held is free again
             return
-        self._start_run(run, steps[run.job], "reservation", token)
+        self._start_run(run, snapshot, "reservation", token)
 
     def release_untaken(self) -> None:
         """Give back every reservation we are not taking, in one statement at
@@ -178,7 +180,7 @@ class Reservations:
                         conn, self._worker_id, keep=[*self._slots.runs, *self._slots.deciding]
                     )
             except TRANSIENT as exc:
-                self._log.warning("release_failed", error=str(exc).strip().splitlines()[0])
+                self._log.warning("release_failed", error=first_line(exc))
             if not self._release_again:
                 return
             self._release_again = False
@@ -194,37 +196,40 @@ class Reservations:
             conn, self._worker_id, self._slots.concurrency, enabled, reserve_by_id=True
         )
 
-    async def _claim(
-        self,
-        connect: Connect,
-        run_id: int,
-        jobs: Sequence[str],
-        first_steps: Mapping[str, str],
-        lock_timeout: str | None = None,
-    ) -> ClaimedRun | None:
-        """Claim the run reserved for this worker, as the row the claim returns;
-        None when it is not ours to start (not reserved for us, not pending, a
-        job not run here, its key running elsewhere) or the claim failed.
 
-        Triggers that joined the run while it was pending all happened before
-        this claim, so before its step: the run serves them, and no follow-up is
-        needed (the step starts only once the claim returns).
+async def claim(
+    store: Store,
+    connect: Connect,
+    log: FilteringBoundLogger,
+    worker_id: str,
+    run_id: int,
+    jobs: Sequence[str],
+    first_steps: Mapping[str, str],
+    lock_timeout: str | None = None,
+) -> ClaimedRun | None:
+    """Claim the run reserved for `worker_id`, as the row the claim returns;
+    None when it is not ours to start (not reserved for us, not pending, a
+    job not run here, its key running elsewhere) or the claim failed.
 
-        With `lock_timeout`, a claim that would wait longer for the run's row
-        raises LockNotAvailable (the caller claims again where it may wait).
-        """
-        try:
-            async with connect() as conn:
-                return await self._store.claim_reserved(
-                    conn, self._worker_id, run_id, jobs, first_steps, lock_timeout
-                )
-        except psycopg.errors.LockNotAvailable:
-            if lock_timeout is not None:
-                raise  # the caller's to claim again, waiting
-            self._log.warning("claim_failed", run_id=run_id, error="the run's row stayed locked")
-            return None
-        except psycopg.Error as exc:
-            # Still reserved for us if the claim did not go through: taken on
-            # our next reconnect, or released by recovery if we are judged gone.
-            self._log.warning("claim_failed", run_id=run_id, error=str(exc).strip()[:200])
-            return None
+    Triggers that joined the run while it was pending all happened before
+    this claim, so before its step: the run serves them, and no follow-up is
+    needed (the step starts only once the claim returns).
+
+    With `lock_timeout`, a claim that would wait longer for the run's row
+    raises LockNotAvailable (the caller claims again where it may wait).
+    """
+    try:
+        async with connect() as conn:
+            return await store.claim_reserved(
+                conn, worker_id, run_id, jobs, first_steps, lock_timeout
+            )
+    except psycopg.errors.LockNotAvailable:
+        if lock_timeout is not None:
+            raise  # the caller's to claim again, waiting
+        log.warning("claim_failed", run_id=run_id, error="the run's row stayed locked")
+        return None
+    except psycopg.Error as exc:
+        # Still reserved for us if the claim did not go through: taken on
+        # our next reconnect, or released by recovery if we are judged gone.
+        log.warning("claim_failed", run_id=run_id, error=str(exc).strip()[:200])
+        return None

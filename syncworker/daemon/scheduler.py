@@ -22,7 +22,7 @@ from syncworker.aio import wait_event
 from syncworker.config import JobConfig
 from syncworker.daemon.catalog import Catalog
 from syncworker.db import Store, fetch_scopes
-from syncworker.dberrors import TRANSIENT
+from syncworker.dberrors import TRANSIENT, first_line
 
 # A fire noticed later than this counts as missed (misfire policy applies).
 MISFIRE_GRACE = 60.0
@@ -104,7 +104,7 @@ class Scheduler:
             try:
                 delay = await self._read_clock_and_pass()
             except TRANSIENT as exc:
-                self._log.warning("schedule_pass_failed", error=str(exc).strip().splitlines()[0])
+                self._log.warning("schedule_pass_failed", error=first_line(exc))
                 await self._db_up.wait()
                 await asyncio.sleep(0.1)  # let the pool notice the outage is over
                 continue
@@ -185,10 +185,12 @@ class Scheduler:
             self._log.error(
                 "scopes_sql_failed",
                 job=name,
-                error=str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc),
+                error=first_line(exc, repr(exc)),
                 kept=list(self._catalog.now.scopes.get(name) or ()),
             )
             return
+        if self._catalog.now.jobs.get(name) is not job:
+            return  # reloaded meanwhile: this query may be the old one's
         if scopes != self._catalog.now.scopes.get(name):
             self._log.info("scopes_changed", job=name, scopes=list(scopes))
             self._catalog.replace(self._catalog.now.with_job_scopes(name, scopes))

@@ -20,7 +20,7 @@ from syncworker.config import ConfigError, Settings
 from syncworker.daemon.catalog import Catalog
 from syncworker.daemon.connsettings import KEEPALIVES
 from syncworker.db import Store
-from syncworker.dberrors import TRANSIENT, config_problem
+from syncworker.dberrors import TRANSIENT, config_problem, first_line
 from syncworker.listenprobe import notifications_arrive
 
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
@@ -91,7 +91,7 @@ class Startup:
                 # mend (a wrong role, database or password) ends the start.
                 await self._refuse_bad_settings()
                 if not down:
-                    self._log.warning("db_disconnected", error=str(exc).strip().splitlines()[0])
+                    self._log.warning("db_disconnected", error=first_line(exc))
                     down = True
                 await wait_event(self._stopping, delay)
                 delay = min(delay * 2, 10.0)

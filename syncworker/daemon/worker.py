@@ -75,7 +75,7 @@ class Worker:
         self._config_source = config_source
         # Resolving imports every step now: a bad step is a config error at start.
         self._catalog = Catalog(resolve(settings, config_source))
-        self._life = Lifecycle(settings.drain_timeout)
+        self._life = Lifecycle(lambda: self.settings.drain_timeout)
         self._slots: Slots[RunEnv] = Slots(settings.concurrency)
         # Proof that no peer may take our runs over yet (lease.py); renewed
         # by each heartbeat write, and checked by the runs' steps.
@@ -239,7 +239,9 @@ class Worker:
                 self.log.warning("drain_forced", runs=sorted(self._slots.runs))
                 life.force.set()
             return
-        self.log.info("drain_started", runs=sorted(self._slots.runs), timeout=life.drain_timeout)
+        self.log.info(
+            "drain_started", runs=sorted(self._slots.runs), timeout=self.settings.drain_timeout
+        )
         systemd.notify("STOPPING=1")
         life.stopping.set()
         self._liveness.changed()
@@ -307,15 +309,16 @@ class Worker:
     async def _serve(self) -> None:
         self._lease.start(self._liveness.on_lease_lapsed)
         async with asyncio.TaskGroup() as tg:
+            # Created in the order they were before the split: tasks take
+            # their first step in creation order.
             listener = tg.create_task(self._listener.run(), name="listener")
             liveness = tg.create_task(self._liveness.run(), name="heartbeat")
+            scheduler = tg.create_task(self._scheduler.run(), name="scheduler")
+            executor = tg.create_task(self._executor.run(), name="executor")
             watchdog = tg.create_task(self._maintenance.watchdog(), name="watchdog")
-            taking_work = [
-                tg.create_task(self._scheduler.run(), name="scheduler"),
-                tg.create_task(self._executor.run(), name="executor"),
-                tg.create_task(self._reloader.run(), name="reloader"),
-                tg.create_task(self._maintenance.prune(), name="pruner"),
-            ]
+            reloader = tg.create_task(self._reloader.run(), name="reloader")
+            pruner = tg.create_task(self._maintenance.prune(), name="pruner")
+            taking_work = [scheduler, executor, reloader, pruner]
             await self._life.stopping.wait()
             # 1. Take no new work. The listener stays up while runs drain,
             #    because its session holds the lock that marks this worker
@@ -371,7 +374,6 @@ class Worker:
         return not self._life.stopping.is_set() and self._slots.room() and self._lease.valid()
 
     def _reloaded(self) -> None:
-        self._life.drain_timeout = self.settings.drain_timeout
         self._scheduler.reschedule()
         self._executor.wake()
         self._liveness.changed()

@@ -39,7 +39,7 @@ def liveness(owned: set[int]) -> tuple[Liveness, Slots[RunEnv], list[tuple[int, 
         store=FakeStore(owned),  # type: ignore[arg-type]
         slots=slots,
         lease=lease,
-        life=Lifecycle(drain_timeout=30),
+        life=Lifecycle(lambda: 30.0),
         connect=None,  # type: ignore[arg-type]
         log=structlog.get_logger(),
         cancel_run=lambda run_id, reason: cancelled.append((run_id, reason)),

@@ -110,3 +110,32 @@ def test_a_disabled_or_unscheduled_job_is_not_fired() -> None:
     delay = asyncio.run(s.pass_once(T0))
     assert store.fires == []
     assert delay == 300.0  # nothing scheduled: the safety net
+
+
+def test_a_scopes_refresh_overtaken_by_a_reload_is_dropped() -> None:
+    """The old scopes_sql's answer must not land in the new configuration."""
+    old = EVERY_5.model_copy(update={"scopes_sql": "SELECT 'old'"})
+    new = EVERY_5.model_copy(update={"scopes_sql": "SELECT 'new'"})
+    s, store, _ = scheduler({"sync": old}, T0)
+    catalog: Catalog = s._catalog
+    set_scopes: list[Any] = []
+
+    async def fetch(conn: Any, query: str) -> tuple[str, ...]:
+        # The reload lands while the old query runs.
+        settings = Settings(database_url="postgresql://unused", jobs={"sync": new})
+        catalog.replace(Snapshot(settings, {}, {"sync": ("fresh",)}))
+        return ("old",)
+
+    async def record(conn: Any, name: str, scopes: tuple[str, ...]) -> None:
+        set_scopes.append((name, scopes))
+
+    import syncworker.daemon.scheduler as module
+
+    store.set_scopes = record  # type: ignore[attr-defined]
+    real, module.fetch_scopes = module.fetch_scopes, fetch  # type: ignore[assignment]
+    try:
+        asyncio.run(s._refresh_scopes(None, "sync", old))  # type: ignore[arg-type]
+    finally:
+        module.fetch_scopes = real
+    assert catalog.now.scopes["sync"] == ("fresh",)
+    assert set_scopes == []
