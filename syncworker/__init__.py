@@ -3,17 +3,23 @@
 from syncworker.api import TriggerError, trigger_sync, trigger_sync_blocking
 from syncworker.config import ConfigError, Settings, load_config
 from syncworker.context import SyncContext
+from syncworker.control import ControlError, pause, pause_blocking, resume, resume_blocking
 from syncworker.daemon.worker import Worker
 from syncworker.version import VERSION
 
 __all__ = [
     "VERSION",
     "ConfigError",
+    "ControlError",
     "Settings",
     "SyncContext",
     "TriggerError",
     "Worker",
     "load_config",
+    "pause",
+    "pause_blocking",
+    "resume",
+    "resume_blocking",
     "trigger_sync",
     "trigger_sync_blocking",
 ]

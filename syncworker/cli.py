@@ -1,4 +1,5 @@
-"""The `syncworker` command: run, trigger, status, check, migrate.
+"""The `syncworker` command: run, trigger, status, check, migrate (and the
+operators' pause and resume, cli_ops.py).
 
 Exit codes: 0 ok; 1 a run failed (trigger --wait) or an unexpected error;
 2 timeout (trigger --wait) or bad usage; 69 database unreachable (EX_UNAVAILABLE);
@@ -11,36 +12,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 import sys
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import psycopg
 import typer
 
-from syncworker import follow, schedule
+from syncworker import cli_ops, follow, schedule
 from syncworker.api import TriggerError, trigger_sync
+from syncworker.cliutil import (
+    EX_CONFIG,
+    EX_NOPERM,
+    NOT_SET_UP,
+    ConfigOpt,
+    DatabaseOpt,
+    config_error,
+    connect,
+    fail,
+    me,
+    run_async,
+    settings_for,
+)
 from syncworker.config import ConfigError, Settings, config_path, load_config
 from syncworker.db import Store, session
-from syncworker.dberrors import config_problem, first_line
+from syncworker.dberrors import first_line
 from syncworker.exits import EX_SOFTWARE
-from syncworker.logs import forward_library_logs, make_logger, redact
+from syncworker.logs import forward_library_logs, make_logger
 from syncworker.status import render, to_json
 from syncworker.steps import resolve_job_steps
 from syncworker.version import VERSION
 
 if TYPE_CHECKING:
     pass
-
-EX_UNAVAILABLE = 69
-EX_NOPERM = 77
-EX_CONFIG = 78
-T = TypeVar("T")
-_NOT_SET_UP = "schema {!r} is not set up: run `{} migrate`"
 
 app = typer.Typer(
     add_completion=False,
@@ -50,114 +54,9 @@ app = typer.Typer(
     help="A PostgreSQL-coordinated sync daemon: cron schedules + NOTIFY triggers.",
 )
 
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="TOML config file (default: $SYNCWORKER_CONFIG, else ./syncworker.toml)",
-        show_default=False,
-    ),
-]
-DatabaseOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url",
-        help="PostgreSQL URL (default: config, $SYNCWORKER_DATABASE_URL, $DATABASE_URL, libpq)",
-        show_default=False,
-    ),
-]
-
 
 def main() -> None:
     app()
-
-
-def _me() -> str:
-    """How to run this command again from the user's shell: `syncworker` only
-    when that is on PATH (in a fresh checkout it is `.venv/bin/syncworker`)."""
-    argv0 = sys.argv[0] if sys.argv else ""
-    if Path(argv0).name != "syncworker":
-        return f"{Path(sys.executable).name} -m syncworker"  # python -m syncworker
-    found = shutil.which("syncworker")
-    if found and Path(found).resolve() == Path(argv0).resolve():
-        return "syncworker"
-    return argv0
-
-
-def _fail(code: int, message: str) -> NoReturn:
-    typer.echo(f"syncworker: {redact(message)}", err=True)
-    raise typer.Exit(code)
-
-
-def _config_error(exc: ConfigError) -> str:
-    """The one line for a config error; a step that cannot be imported also
-    says where Python looked, the usual miss being an unset PYTHONPATH."""
-    text = f"config error: {exc}"
-    if exc.reason.startswith("cannot import "):
-        path = os.environ.get("PYTHONPATH")
-        now = f"PYTHONPATH={path}" if path else "PYTHONPATH is unset"
-        text += (
-            f" (install the step's package into {sys.executable}, or put its directory"
-            f" on PYTHONPATH; {now})"
-        )
-    return text
-
-
-def _settings(config: Path | None, database_url: str | None, *, required: bool) -> Settings:
-    try:
-        settings = load_config(config, required=required)
-    except ConfigError as exc:
-        _fail(EX_CONFIG, f"config error: {exc}")
-    if database_url:
-        settings = settings.model_copy(update={"database_url": database_url})
-    try:
-        # A malformed URL is a config error, said once: libpq's own message
-        # would quote the whole URL, password included, on every retry.
-        psycopg.conninfo.conninfo_to_dict(settings.database_url)
-    except psycopg.ProgrammingError:
-        _fail(EX_CONFIG, "config error: database_url: not a valid connection URL or string")
-    return settings
-
-
-async def _connect(settings: Settings) -> psycopg.AsyncConnection[Any]:
-    try:
-        # No server-side prepared statements: a CLI call is short, and a
-        # transaction-mode pooler (`trigger --wait` polls) cannot keep them.
-        return await psycopg.AsyncConnection.connect(
-            settings.database_url, autocommit=True, connect_timeout=10, prepare_threshold=None
-        )
-    except psycopg.OperationalError as exc:
-        reason = config_problem(exc)
-        if reason is not None:
-            _fail(EX_CONFIG, f"config error: database_url: the server refused it: {reason}")
-        _fail(EX_UNAVAILABLE, f"cannot reach the database: {str(exc).strip()}")
-
-
-def _run_async(coro: Callable[[], Awaitable[T]]) -> T:
-    async def wrapper() -> T:
-        return await coro()
-
-    try:
-        return asyncio.run(wrapper())
-    except ConfigError as exc:  # found only against the database: a scopes_sql
-        _fail(EX_CONFIG, f"config error: {exc}")
-    except psycopg.errors.InsufficientPrivilege as exc:
-        reason = first_line(exc)
-        _fail(
-            EX_NOPERM,
-            f"permission denied: {reason} (the roles each command needs:"
-            " README, 'Least-privilege roles')",
-        )
-    except psycopg.errors.QueryCanceled as exc:
-        # A statement_timeout (or an operator's cancel): the database is there.
-        _fail(
-            EX_UNAVAILABLE,
-            f"timed out: the database cancelled the query ({str(exc).strip()});"
-            " a statement_timeout on this role or database may be too short",
-        )
-    except psycopg.OperationalError as exc:
-        _fail(EX_UNAVAILABLE, f"lost the database: {str(exc).strip()}")
 
 
 @app.command()
@@ -179,7 +78,7 @@ def run(
     from syncworker.daemon.worker import Worker
     from syncworker.serve import serve
 
-    settings = _settings(config, database_url, required=True)
+    settings = settings_for(config, database_url, required=True)
     server = None
     if embedded:
         from syncworker.embedded import EmbeddedPostgres, EmbeddedUnavailable
@@ -187,12 +86,12 @@ def run(
         try:
             server = EmbeddedPostgres().start()
         except EmbeddedUnavailable as exc:
-            _fail(EX_CONFIG, str(exc))
+            fail(EX_CONFIG, str(exc))
         settings = settings.model_copy(update={"database_url": server.url})
         typer.echo(
             f"embedded PostgreSQL: {server.url}\n"
             f"  trigger every job:  psql '{server.url}' -c \"NOTIFY {settings.channel}\"\n"
-            f"  see the runs:       {_me()} status --database-url '{server.url}'",
+            f"  see the runs:       {me()} status --database-url '{server.url}'",
             err=True,
         )
     try:
@@ -209,10 +108,10 @@ def run(
             # Raised from inside too: the `http` address is bound at start.
             code = asyncio.run(serve(worker))
         except ConfigError as exc:
-            _fail(EX_CONFIG, _config_error(exc))
+            fail(EX_CONFIG, config_error(exc))
         except psycopg.errors.InsufficientPrivilege as exc:
             reason = first_line(exc)
-            _fail(EX_NOPERM, f"permission denied: {reason} (README, 'Least-privilege roles')")
+            fail(EX_NOPERM, f"permission denied: {reason} (README, 'Least-privilege roles')")
         except SystemExit as exc:
             # sys.exit() out of the loop itself (a task a step started): the
             # drain was skipped, so never 0. Steps' own calls fail the step.
@@ -246,8 +145,8 @@ def trigger(
     database_url: DatabaseOpt = None,
 ) -> None:
     """Request runs of JOB now. With --wait, exit 0 if all succeeded, 1 if not, 2 on timeout."""
-    settings = _settings(config, database_url, required=False)
-    code = _run_async(
+    settings = settings_for(config, database_url, required=False)
+    code = run_async(
         lambda: _trigger(settings, job, scope or None, source, by, wait, timeout, as_json)
     )
     raise typer.Exit(code)
@@ -263,7 +162,7 @@ async def _trigger(
     timeout: float,
     as_json: bool,
 ) -> int:
-    conn = await _connect(settings)
+    conn = await connect(settings)
     async with conn:
         if wait:
             # Listen before triggering so no event of ours can slip past.
@@ -273,10 +172,10 @@ async def _trigger(
                 conn, job, scopes=scopes, source=source, triggered_by=by, schema=settings.schema
             )
         except TriggerError as exc:
-            _fail(1, str(exc))
+            fail(1, str(exc))
         except (psycopg.errors.InvalidSchemaName, psycopg.errors.UndefinedFunction):
             # No schema at all, or one from before trigger() existed.
-            _fail(EX_CONFIG, _NOT_SET_UP.format(settings.schema, _me()))
+            fail(EX_CONFIG, NOT_SET_UP.format(settings.schema, me()))
         if not wait:
             typer.echo(json.dumps({"runs": ids}) if as_json else " ".join(map(str, ids)))
             return 0
@@ -315,22 +214,22 @@ def status(
     database_url: DatabaseOpt = None,
 ) -> None:
     """Workers, jobs, recent runs and a summary."""
-    settings = _settings(config, database_url, required=False)
+    settings = settings_for(config, database_url, required=False)
     store = Store(settings.schema, settings.events_channel)
 
     async def read(conn: psycopg.AsyncConnection[Any]) -> dict[str, Any]:
         try:
             return await store.read_status(conn, limit=limit, job=job)
         except psycopg.errors.UndefinedTable:
-            _fail(EX_CONFIG, _NOT_SET_UP.format(settings.schema, _me()))
+            fail(EX_CONFIG, NOT_SET_UP.format(settings.schema, me()))
 
     async def once() -> dict[str, Any]:
-        conn = await _connect(settings)
+        conn = await connect(settings)
         async with conn:
             return await read(conn)
 
     if not watch:
-        data = _run_async(once)
+        data = run_async(once)
         typer.echo(to_json(data) if as_json else render(data))
         return
     live = sys.stdout.isatty()
@@ -348,27 +247,27 @@ def status(
         typer.echo(render(data) + ("" if live else "\n"))
 
     async def following() -> None:
-        conn = await _connect(settings)
+        conn = await connect(settings)
         async with conn:
             await follow.listen(conn, settings.events_channel)
             await follow.watch(conn, lambda: read(conn), show, interval)
 
     # Ctrl-C is how a watch ends: exit 0, not click's "Aborted!" and 1.
     with contextlib.suppress(KeyboardInterrupt):
-        _run_async(following)
+        run_async(following)
 
 
 @app.command()
 def check(config: ConfigOpt = None, database_url: DatabaseOpt = None) -> None:
     """Validate the config, import every step, show next fires, try the database."""
-    settings = _settings(config, database_url, required=True)
+    settings = settings_for(config, database_url, required=True)
     source = str(config_path(config))
     now = datetime.now(UTC)
     for name, job in settings.jobs.items():
         try:
             steps = resolve_job_steps(name, job, source)
         except ConfigError as exc:
-            _fail(EX_CONFIG, _config_error(exc))
+            fail(EX_CONFIG, config_error(exc))
         state = "" if job.enabled else " (disabled)"
         typer.echo(f"job {name}{state}: {len(steps)} step(s)")
         for step in steps:
@@ -384,28 +283,28 @@ def check(config: ConfigOpt = None, database_url: DatabaseOpt = None) -> None:
             typer.echo("  no schedule (triggered only)")
 
     async def ping() -> str:
-        conn = await _connect(settings)
+        conn = await connect(settings)
         async with conn:
             return await session.server_version(conn)
 
-    typer.echo(f"database: reachable (PostgreSQL {_run_async(ping)})")
+    typer.echo(f"database: reachable (PostgreSQL {run_async(ping)})")
     typer.echo("config: ok")
 
 
 @app.command()
 def migrate(config: ConfigOpt = None, database_url: DatabaseOpt = None) -> None:
     """Create or upgrade the schema and register the config's jobs."""
-    settings = _settings(config, database_url, required=True)
+    settings = settings_for(config, database_url, required=True)
 
     async def go() -> list[int]:
-        conn = await _connect(settings)
+        conn = await connect(settings)
         async with conn:
             store = Store(settings.schema, settings.events_channel)
             before = await store.migrate(conn)
             await store.setup(conn, settings.jobs, str(config_path(config)))
             return before
 
-    applied = _run_async(go)
+    applied = run_async(go)
     done = ", ".join(map(str, applied)) if applied else "none (up to date)"
     typer.echo(f"schema {settings.schema}: migrations applied: {done}; jobs: {len(settings.jobs)}")
 
@@ -414,6 +313,9 @@ def _version(value: bool) -> None:
     if value:
         typer.echo(f"syncworker {VERSION}")
         raise typer.Exit()
+
+
+cli_ops.register(app)
 
 
 @app.callback()

@@ -7,7 +7,9 @@ together: it makes the database publish each kind and parses it with these.
 - The trigger channel (`channel`, default `sync_trigger`): a job name, or
   a JSON request (triggers.py parses it; SPEC "Payloads").
 - The wake channel (`<schema>_wake`): a job name (a run of it is pending),
-  or a reservation, `{"reserved_for": <worker id>, "id": <run id>}`.
+  a reservation, `{"reserved_for": <worker id>, "id": <run id>}`, or a hold
+  that changed, `{"pause": <job>}` (pause(), resume()): workers re-read when
+  the next hold ends.
   Nothing else: the channel can be LISTENed to by any role, so it carries
   neither scopes nor payloads. A reservation is only a hint of which run to
   claim (any role may NOTIFY any channel): the claim decides.
@@ -33,8 +35,21 @@ RUN_EVENTS = (
 
 
 def is_reservation(payload: str) -> bool:
-    """Wake notifications carry a job name, or a reservation as a JSON object."""
+    """Wake notifications carry a job name, or a reservation (or a hold
+    change) as a JSON object."""
     return payload.startswith("{")
+
+
+def is_hold_change(payload: str) -> bool:
+    """A wake saying a hold was made, changed or lifted. A hint like the
+    others (any role may send one): it only makes workers re-read."""
+    if not payload.startswith('{"pause"'):
+        return False
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("pause"), str)
 
 
 def reserved_run_id(payload: str, worker_id: str) -> int | None:

@@ -46,7 +46,7 @@ def render(status: Mapping[str, Any], now: datetime | None = None) -> str:
     out.append("JOBS")
     out.extend(
         _table(
-            ["job", "schedule", "scopes", "next fire", "last run"],
+            ["job", "schedule", "scopes", "next fire", "last run", "paused"],
             [
                 [
                     j["name"] + ("" if j["enabled"] else " (disabled)"),
@@ -54,6 +54,7 @@ def render(status: Mapping[str, Any], now: datetime | None = None) -> str:
                     ",".join(j["scopes"]) if j["scopes"] else "-",
                     _when(j["next_fire_at"], now),
                     f"#{j['last_run_id']} {j['last_status']}" if j["last_run_id"] else "-",
+                    _holds(j, now),
                 ]
                 for j in status["jobs"]
             ],
@@ -88,6 +89,25 @@ def render(status: Mapping[str, Any], now: datetime | None = None) -> str:
         f"running {s.get('running', 0)}  last success {_ago(s.get('last_success_at'), now)}"
     )
     return "\n".join(out)
+
+
+def _holds(job: Mapping[str, Any], now: datetime) -> str:
+    """The job's holds in force (pause()): by whom, until when, why."""
+    holds = []
+    if job.get("paused"):
+        holds.append(_hold("", job, now))
+    for scope in job.get("paused_scopes") or ():
+        holds.append(_hold(f"{scope['scope']}: ", scope, now))
+    return "; ".join(holds) or "-"
+
+
+def _hold(prefix: str, hold: Mapping[str, Any], now: datetime) -> str:
+    until = hold.get("paused_until")
+    if isinstance(until, str):
+        until = datetime.fromisoformat(until)  # a scope's hold comes as JSON
+    text = f"{prefix}by {hold.get('paused_by')}"
+    text += f", until {_when(until, now)}" if until else ""
+    return text + (f" ({hold['paused_reason']})" if hold.get("paused_reason") else "")
 
 
 def _records(run: Mapping[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""The scheduler: cron fires, the misfire policy, and scopes_sql refreshes.
+"""The scheduler: cron fires, the misfire policy, scopes_sql refreshes, and
+the ends of holds (pause(..., until)): it wakes the executor when one ends.
 
 It sleeps until the soonest next fire (or SCHEDULER_MAX_SLEEP, a safety net
 against wall-clock jumps), or until `reschedule()`. Each fire is claimed in
@@ -29,6 +30,8 @@ MISFIRE_GRACE = 60.0
 # Longest the scheduler sleeps without re-reading the clock: a safety net
 # against wall-clock jumps (suspend, NTP steps); fires still wake it exactly.
 SCHEDULER_MAX_SLEEP = 300.0
+# How long after a hold's end the scheduler wakes to let its runs start.
+HOLD_END_MARGIN = 0.01
 
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 
@@ -68,6 +71,8 @@ class Scheduler:
         # The last fire handled per job: its one owner.
         self._fire_cursor: dict[str, datetime | None] = {}
         self._next_fires: dict[str, datetime | None] = {}
+        # When the soonest hold in force ends (pause(..., until)), as last read.
+        self._hold_ends: datetime | None = None
 
     def reschedule(self) -> None:
         """Pass again now: the jobs or the database changed."""
@@ -117,7 +122,9 @@ class Scheduler:
         return await self.pass_once(self._clock.now())
 
     async def pass_once(self, now: datetime) -> float:
-        """Enqueue every fire due at `now`; returns seconds until the next one."""
+        """Enqueue every fire due at `now`, and wake the executor when a hold
+        (pause()) ended since the last pass; returns seconds until the next
+        fire or the next end of a hold."""
         upcoming: dict[str, datetime | None] = {}
         for name, job in self._catalog.now.jobs.items():
             if not job.enabled or not job.schedule:
@@ -131,13 +138,21 @@ class Scheduler:
             upcoming[name] = schedule.next_fire(job.schedule, zone, now)
         async with self._connect() as conn:
             await self._store.set_next_fire(conn, upcoming)
+            hold_ends = await self._store.next_hold_end(conn)
         self._next_fires = upcoming
+        if self._hold_ends is not None and self._hold_ends <= now:
+            self._wake()  # the runs the hold kept waiting may start
+        self._hold_ends = hold_ends
         if not self._stopping.is_set():
             self._passed()
         soonest = min((t for t in upcoming.values() if t is not None), default=None)
+        margin = 0.0
+        if hold_ends is not None and (soonest is None or hold_ends < soonest):
+            # Past the end by the database's clock, where the claims test it.
+            soonest, margin = hold_ends, HOLD_END_MARGIN
         if soonest is None:
             return SCHEDULER_MAX_SLEEP
-        seconds = (soonest - self._clock.now()).total_seconds()
+        seconds = (soonest - self._clock.now()).total_seconds() + margin
         return min(max(seconds, 0.0), SCHEDULER_MAX_SLEEP)
 
     async def _fire(
@@ -157,7 +172,10 @@ class Scheduler:
         if result is None:
             self._log.debug("cron_fire_taken", job=name, scheduled_for=due)
             return
-        if run:
+        if run and not result:
+            # Every key of the job is held (pause()): claimed, not run, not caught up.
+            self._log.info("cron_fire_held", job=name, scheduled_for=due.isoformat())
+        elif run:
             self._log.info(
                 "cron_fired",
                 job=name,

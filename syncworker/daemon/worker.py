@@ -38,7 +38,7 @@ from syncworker.daemon.slots import Slots
 from syncworker.daemon.startup import Startup
 from syncworker.db import Store
 from syncworker.dbclock import DbClock
-from syncworker.events import is_reservation
+from syncworker.events import is_hold_change, is_reservation
 from syncworker.http import start_http, worker_routes
 from syncworker.lease import Lease, LeaseTiming
 from syncworker.logs import make_logger
@@ -340,6 +340,9 @@ class Worker:
     ) -> None:
         if notify.channel != self.store.wake:
             await self._intake.on_trigger(session, notify)
+        elif is_hold_change(notify.payload):
+            self._scheduler.reschedule()  # when the next hold ends
+            self._executor.wake()
         elif is_reservation(notify.payload):
             await self._reservations.on_reservation(notify.payload, session)
         else:

@@ -209,3 +209,25 @@ class Clock:
 @dataclass(frozen=True)
 class ServerVersion:
     version: str
+
+
+@dataclass(frozen=True)
+class Hold:
+    """pause(): a job's or a scope's hold, as written."""
+
+    job: str
+    scope: str | None
+    paused_at: datetime
+    paused_by: str
+    reason: str | None
+    until: datetime | None
+
+
+@dataclass(frozen=True)
+class Lifted:
+    lifted: bool
+
+
+@dataclass(frozen=True)
+class HoldEnd:
+    until: datetime | None

@@ -2,7 +2,7 @@
 
 Each concern's statements have a small class of their own (db/schema.py,
 enqueue.py, fires.py, runs.py, reservations.py, workers.py, history.py,
-reads.py); Store is all of them at once, so callers keep one object and
+reads.py, pauses.py); Store is all of them at once, so callers keep one object and
 the method names and signatures they always had. Every instance of one
 schema shares that schema's statements, composed once (db/queries.py).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 from syncworker.db.enqueue import EnqueueQueries
 from syncworker.db.fires import FireQueries
 from syncworker.db.history import HistoryQueries
+from syncworker.db.pauses import PauseQueries
 from syncworker.db.reads import ReadQueries
 from syncworker.db.reservations import ReservationQueries
 from syncworker.db.runs import RunQueries
@@ -28,5 +29,6 @@ class Store(
     WorkerQueries,
     HistoryQueries,
     ReadQueries,
+    PauseQueries,
 ):
     """The SQL of one schema, composed once, run on connections given to it."""

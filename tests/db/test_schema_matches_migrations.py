@@ -39,6 +39,7 @@ MIGRATION_SHA256 = {
     "007_least_privilege.sql": "520f6d311e2ff6ff7b34c050e9f0a5e6fec03b8fbf259267499c5e377190611e",
     "008_payload_size_limit.sql": "126c25df07bc0d77637e9671fde02429af8703e900eba239f6565cbfc44d8bc7",
     "009_judged_by_own_lease.sql": "2c250ef0e3fa1e88138a8325168ad5c23f3d22bcb537247017d2f36bf180759e",
+    "010_pause_and_resume.sql": "b9fe80dd40bc1cc4320d0c0322ee010baa026c211d506b76bf245922a1466d34",
 }
 
 # ACLs as (grantee, privilege, grantable), a NULL ACL as the default it stands

@@ -413,7 +413,12 @@ def test_app_role_may_read_every_run_column_but_payload(deployment: Deployment, 
     }
     workers = _columns(database_url, "syncworker.workers")
     assert not any(_may_select(database_url, app, "syncworker.workers", workers).values())
-    for table in ("syncworker.run_steps", "syncworker.jobs", "syncworker.run_payloads"):
+    for table in (
+        "syncworker.run_steps",
+        "syncworker.jobs",
+        "syncworker.run_payloads",
+        "syncworker.pauses",
+    ):
         assert query(
             database_url, "SELECT has_table_privilege(%s, %s, 'SELECT')", (app, table)
         ) == [(True,)]
@@ -1219,8 +1224,10 @@ def test_mixed_case_schema_and_channels_are_quoted_identifiers(database_url, tmp
         " AND relkind = 'r' ORDER BY relname",
     )
     assert tables == [
+        ("actions",),
         ("jobs",),
         ("migrations",),
+        ("pauses",),
         ("payload_grants",),
         ("run_steps",),
         ("runs",),

@@ -23,6 +23,7 @@ class FakeStore:
     def __init__(self) -> None:
         self.fires: list[tuple[str, datetime, bool]] = []
         self.next_fire: dict[str, datetime | None] = {}
+        self.hold_end: datetime | None = None
 
     async def enqueue_fire(
         self, conn: Any, name: str, due: datetime, *, run: bool
@@ -32,6 +33,9 @@ class FakeStore:
 
     async def set_next_fire(self, conn: Any, upcoming: dict[str, datetime | None]) -> None:
         self.next_fire = dict(upcoming)
+
+    async def next_hold_end(self, conn: Any) -> datetime | None:
+        return self.hold_end
 
 
 class FakeClock:
@@ -139,3 +143,15 @@ def test_a_scopes_refresh_overtaken_by_a_reload_is_dropped() -> None:
         module.fetch_scopes = real
     assert catalog.now.scopes["sync"] == ("fresh",)
     assert set_scopes == []
+
+
+def test_the_end_of_a_hold_wakes_the_pass_and_then_the_executor() -> None:
+    s, store, woken = scheduler({"sync": EVERY_5}, T0 + timedelta(seconds=1))
+    s.start_from({"sync": T0})
+    store.hold_end = T0 + timedelta(seconds=20)  # paused until then
+    delay = asyncio.run(s.pass_once(T0 + timedelta(seconds=1)))
+    assert 19.0 < delay < 19.1  # the hold's end, not the fire at T0 + 5 min
+    assert woken == []
+    store.hold_end = None  # it ended: none left in force
+    asyncio.run(s.pass_once(T0 + timedelta(seconds=21)))
+    assert woken == ["wake"]  # its waiting runs may start

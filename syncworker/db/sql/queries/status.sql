@@ -14,13 +14,23 @@ SELECT w.id, w.hostname, w.pid, w.version, w.state, w.started_at, w.heartbeat_at
 FROM {s}.workers w ORDER BY w.state = 'stopped', w.started_at DESC;
 
 -- name: status_jobs :many
--- The jobs (all, or one), each with its next fire and its last run.
+-- The jobs (all, or one), each with its next fire, its last run and its holds in force.
 SELECT j.name, j.enabled, j.schedule, j.timezone, j.scopes, j.next_fire_at,
     j.last_fire_at, l.id AS last_run_id, l.status AS last_status,
-    l.finished_at AS last_finished_at
+    l.finished_at AS last_finished_at,
+    h.job IS NOT NULL AS paused, h.paused_by, h.reason AS paused_reason,
+    h.until AS paused_until,
+    (SELECT coalesce(json_agg(json_build_object(
+                'scope', s.scope, 'paused_by', s.paused_by, 'paused_reason', s.reason,
+                'paused_until', s.until) ORDER BY s.scope), '[]'::json)
+     FROM {s}.pauses s
+     WHERE s.job = j.name AND s.scope IS NOT NULL
+       AND (s.until IS NULL OR s.until > now())) AS paused_scopes
 FROM {s}.jobs j LEFT JOIN LATERAL (
     SELECT id, status, finished_at FROM {s}.runs r WHERE r.job = j.name
     ORDER BY id DESC LIMIT 1) l ON true
+LEFT JOIN {s}.pauses h
+    ON h.job = j.name AND h.scope IS NULL AND (h.until IS NULL OR h.until > now())
 WHERE %(job)s::text IS NULL OR j.name = %(job)s ORDER BY j.name;
 
 -- name: status_summary :one

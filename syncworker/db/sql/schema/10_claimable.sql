@@ -1,7 +1,8 @@
--- claimable(jobs): the run a claim takes, picked and locked (004, 005).
+-- claimable(jobs): the run a claim takes, picked and locked (004, 005, 010).
 --
 -- The oldest pending run of one of `jobs` whose key is not running and that
--- is reserved for no worker, FOR UPDATE SKIP LOCKED; the claim statement
+-- is reserved for no worker nor held by a pause in force (05_pauses.sql),
+-- FOR UPDATE SKIP LOCKED; the claim statement
 -- (claim_next in db/sql/queries/runs.sql) updates it in the same
 -- transaction. With sorting switched off for this one query the plan left is
 -- the walk up runs_active in id order that stops at the first run that fits:
@@ -22,6 +23,10 @@ AS $fn$
           SELECT 1 FROM __SCHEMA__.runs x
           WHERE x.status = 'running' AND x.job = p.job
             AND coalesce(x.scope, '') = coalesce(p.scope, ''))
+      AND NOT EXISTS (
+          SELECT 1 FROM __SCHEMA__.pauses h
+          WHERE h.job = p.job AND (h.scope IS NULL OR h.scope = p.scope)
+            AND (h.until IS NULL OR h.until > now()))
     ORDER BY p.id
     LIMIT 1
     FOR UPDATE SKIP LOCKED

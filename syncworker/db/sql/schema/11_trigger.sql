@@ -1,6 +1,7 @@
 -- trigger(job, scope, source, triggered_by, payload, scheduled_for): the one
 -- way runs are requested (001; reservations from 005, one write per trigger
--- from 006, a two-field wake from 007, each worker's own lease from 009).
+-- from 006, a two-field wake from 007, each worker's own lease from 009,
+-- pauses from 010).
 --
 -- The CLI, the Python API, the worker's cron fires and NOTIFY triggers all
 -- come through here, so validation and coalescing live in one place: an
@@ -18,6 +19,10 @@
 -- reads after the first commits. Under REPEATABLE READ or SERIALIZABLE no
 -- reservation is made. Otherwise the job's name goes out on the wake channel
 -- at commit.
+--
+-- A key held by pause() gets no reservation (its run waits, pending), and a
+-- cron fire of a held key (scheduled_for set: only the worker may) makes no
+-- run: fires while paused are not caught up.
 --
 -- SECURITY DEFINER: an app role that may only EXECUTE it requests runs
 -- without write access to the tables; EXECUTE is revoked from PUBLIC (002)
@@ -82,6 +87,13 @@ BEGIN
         AND current_setting('transaction_isolation') = 'read committed';
 
     FOREACH one_scope IN ARRAY scope_list LOOP
+        IF trigger.scheduled_for IS NOT NULL AND EXISTS (
+            SELECT 1 FROM __SCHEMA__.pauses h
+            WHERE h.job = j.name AND (h.scope IS NULL OR h.scope = one_scope)
+              AND (h.until IS NULL OR h.until > now())
+        ) THEN
+            CONTINUE;
+        END IF;
         IF j.on_overlap = 'skip' AND EXISTS (
             SELECT 1 FROM __SCHEMA__.runs r
             WHERE r.job = j.name AND r.scope IS NOT DISTINCT FROM one_scope AND r.status = 'running'
@@ -116,6 +128,10 @@ BEGIN
             SELECT 1 FROM __SCHEMA__.runs r
             WHERE r.job = j.name AND coalesce(r.scope, '') = coalesce(one_scope, '')
               AND r.status = 'pending'
+        ) AND NOT EXISTS (
+            SELECT 1 FROM __SCHEMA__.pauses h
+            WHERE h.job = j.name AND (h.scope IS NULL OR h.scope = one_scope)
+              AND (h.until IS NULL OR h.until > now())
         ) THEN
             FOR candidate IN
                 SELECT w.id, w.lock_key FROM __SCHEMA__.workers w

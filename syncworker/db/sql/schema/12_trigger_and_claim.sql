@@ -1,9 +1,10 @@
 -- trigger_and_claim(me, first_step, events, job, scope, source,
--- triggered_by, payload): trigger() for a worker that heard the NOTIFY (005, 006).
+-- triggered_by, payload): trigger() for a worker that heard the NOTIFY (005, 006, 010).
 --
 -- When the calling worker has a free slot (first_step given) and trigger()
 -- would create a run (an enabled job, a scope it names or none for a job
--- without scopes, a JSON object, nothing of the key pending), the run is
+-- without scopes, a JSON object, nothing of the key pending, the key not
+-- held by a pause in force), the run is
 -- inserted already `running` for it, with its first step's row and its
 -- run_started event, under the key's transaction lock: the worker starts the
 -- step on this call's answer, one round trip after the NOTIFY. Anything
@@ -53,6 +54,11 @@ BEGIN
               SELECT 1 FROM __SCHEMA__.runs p
               WHERE p.job = j.name AND p.status = 'pending'
                 AND coalesce(p.scope, '') = coalesce(trigger_and_claim.scope, ''))
+          AND NOT EXISTS (
+              SELECT 1 FROM __SCHEMA__.pauses h
+              WHERE h.job = j.name
+                AND (h.scope IS NULL OR h.scope = trigger_and_claim.scope)
+                AND (h.until IS NULL OR h.until > now()))
         ON CONFLICT DO NOTHING  -- runs_one_running_per_key: the key is running
         RETURNING * INTO claimed;
         IF FOUND THEN

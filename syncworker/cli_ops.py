@@ -1,0 +1,119 @@
+"""The operators' commands: `pause` and `resume` (control.py does the work)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+
+from syncworker.cliutil import (
+    ConfigOpt,
+    DatabaseOpt,
+    connect,
+    fail,
+    run_async,
+    settings_for,
+)
+from syncworker.control import ControlError, pause, resume
+from syncworker.durations import DurationError, parse_duration, parse_time
+
+ScopeOpt = Annotated[str | None, typer.Option("--scope", "-s", help="Only this scope of the job.")]
+
+
+def pause_command(
+    job: Annotated[str, typer.Argument(help="The job to hold.")],
+    scope: ScopeOpt = None,
+    for_: Annotated[
+        str | None,
+        typer.Option("--for", help="Resume by itself after this long: 90s, 30m, 2h, 1d."),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            "--until",
+            help="Resume by itself at this time (ISO 8601; local unless an offset is given).",
+        ),
+    ] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why: shown by status.")] = None,
+    by: Annotated[
+        str | None,
+        typer.Option("--by", help="Recorded as who paused (default: the database user)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the hold as JSON.")] = False,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Hold a job (or one scope): no run of it starts on any worker until
+    `resume`; triggers wait as pending, cron fires are not run."""
+    if for_ is not None and until is not None:
+        fail(2, "give --for or --until, not both")
+    try:
+        ends = (
+            datetime.now(UTC) + parse_duration(for_)
+            if for_ is not None
+            else parse_time(until)
+            if until is not None
+            else None
+        )
+    except DurationError as exc:
+        fail(2, str(exc))
+    settings = settings_for(config, database_url, required=False)
+
+    async def go() -> dict[str, object]:
+        conn = await connect(settings)
+        async with conn:
+            try:
+                hold = await pause(
+                    conn, job, scope, until=ends, reason=reason, by=by, schema=settings.schema
+                )
+            except ControlError as exc:
+                fail(1, str(exc))
+        return {
+            "job": hold.job,
+            "scope": hold.scope,
+            "paused_at": hold.paused_at.isoformat(),
+            "paused_by": hold.paused_by,
+            "reason": hold.reason,
+            "until": hold.until.isoformat() if hold.until else None,
+        }
+
+    held = run_async(go)
+    if as_json:
+        typer.echo(json.dumps(held))
+        return
+    key = f"{held['job']}/{held['scope']}" if held["scope"] else str(held["job"])
+    ends_text = f" until {held['until']}" if held["until"] else " until resumed"
+    typer.echo(f"paused {key}{ends_text}")
+
+
+def resume_command(
+    job: Annotated[str, typer.Argument(help="The job to resume.")],
+    scope: ScopeOpt = None,
+    by: Annotated[
+        str | None,
+        typer.Option("--by", help="Recorded as who resumed (default: the database user)."),
+    ] = None,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Lift a job's (or a scope's) hold: its waiting runs start."""
+    settings = settings_for(config, database_url, required=False)
+
+    async def go() -> bool:
+        conn = await connect(settings)
+        async with conn:
+            try:
+                return await resume(conn, job, scope, by=by, schema=settings.schema)
+            except ControlError as exc:
+                fail(1, str(exc))
+
+    lifted = run_async(go)
+    key = f"{job}/{scope}" if scope else job
+    typer.echo(f"resumed {key}" if lifted else f"{key} was not paused")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pause")(pause_command)
+    app.command("resume")(resume_command)

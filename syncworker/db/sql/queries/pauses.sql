@@ -1,0 +1,14 @@
+-- Holds made by operators (pause(), resume(): db/sql/schema/05_pauses.sql).
+
+-- name: pause :one
+-- Hold a job, or one scope of it, until resumed or until a time; the hold as written.
+SELECT p.job, p.scope, p.paused_at, p.paused_by, p.reason, p.until
+FROM {s}.pause(%(job)s, %(scope)s, %(until)s, %(reason)s, %(by)s) AS p;
+
+-- name: resume :one
+-- Lift a job's or a scope's hold; whether one in force was lifted.
+SELECT {s}.resume(%(job)s, %(scope)s, %(by)s) AS lifted;
+
+-- name: next_hold_end :one
+-- When the soonest hold in force ends by itself: the scheduler wakes then, so its runs start.
+SELECT min(until) AS until FROM {s}.pauses WHERE until > now();
