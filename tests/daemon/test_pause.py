@@ -52,7 +52,8 @@ def test_a_pause_holds_the_job_on_every_worker_until_resumed(database_url, tmp_p
         database_url,
         "SELECT row_to_json(p) FROM syncworker.pause('solo', reason => 'vendor down') p",
     )
-    assert hold["paused_by"] == "postgres" and hold["reason"] == "vendor down"
+    [(me,)] = query(database_url, "SELECT session_user::text")
+    assert hold["paused_by"] == me and hold["reason"] == "vendor down"
     run_id = trigger(database_url, "solo")
     # A NOTIFY trigger (claimed by the call that enqueues it when the key is free).
     execute(database_url, "NOTIFY sync_trigger, 'solo'")
@@ -63,14 +64,14 @@ def test_a_pause_holds_the_job_on_every_worker_until_resumed(database_url, tmp_p
     [solo] = [j for j in shown["jobs"] if j["name"] == "solo"]
     assert solo["paused"] is True
     assert (solo["paused_by"], solo["paused_reason"], solo["paused_until"]) == (
-        "postgres",
+        me,
         "vendor down",
         None,
     )
     assert query(database_url, "SELECT syncworker.resume('solo')") == [(True,)]
     wait_until(lambda: status(database_url, run_id) == "succeeded", what="the run after resume")
     actions = query(database_url, "SELECT actor, action, job FROM syncworker.actions ORDER BY id")
-    assert actions == [("postgres", "pause", "solo"), ("postgres", "resume", "solo")]
+    assert actions == [(me, "pause", "solo"), (me, "resume", "solo")]
     for w in workers:
         assert w.stop() == 0
     assert_invariants(database_url)

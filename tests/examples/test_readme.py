@@ -51,7 +51,17 @@ def block(name: str) -> str:
 
 
 def test_the_marked_blocks_are_all_run_here() -> None:
-    ran = {"make-run", "quickstart", "check-example", "psql-notify", "sql-trigger", "node", "pm2"}
+    ran = {
+        "make-run",
+        "quickstart",
+        "check-example",
+        "psql-notify",
+        "sql-trigger",
+        "node",
+        "pm2",
+        "operate-sql",
+        "operate-cli",
+    }
     assert set(BLOCKS) == ran
 
 
@@ -292,6 +302,45 @@ def test_the_sql_trigger(pfa_worker, database_url: str) -> None:  # type: ignore
         ),
         what="the triggered run to succeed",
     )
+
+
+ORDERS = """
+[jobs.orders]
+scopes = ["tenant-42", "tenant-7"]
+steps = ["sw_testjobs:record"]
+"""
+
+
+@pytest.fixture
+def orders_config(database_url: str, tmp_path: Path, start):  # type: ignore[no-untyped-def]
+    """A worker serving the README's `orders` job (Operating)."""
+    config = write_config(tmp_path / "orders.toml", database_url, ORDERS)
+    start(config)
+    return config
+
+
+def test_the_operating_sql(orders_config, database_url: str) -> None:  # type: ignore[no-untyped-def]
+    done = psql(database_url, block("operate-sql"))
+    assert done.returncode == 0, done.stderr
+    assert query(database_url, "SELECT count(*) FROM syncworker.pauses") == [(0,)]
+    actions = query(database_url, "SELECT action, job, scope FROM syncworker.actions ORDER BY id")
+    assert actions == [
+        ("pause", "orders", None),
+        ("pause", "orders", "tenant-42"),
+        ("resume", "orders", None),
+        ("resume", "orders", "tenant-42"),
+    ]
+
+
+def test_the_operating_cli(orders_config: Path, database_url: str) -> None:
+    env = user_env(SYNCWORKER_CONFIG=str(orders_config))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    done = bash(block("operate-cli"), REPO, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "paused orders until resumed" in done.stdout
+    assert "paused orders/tenant-42 until " in done.stdout
+    assert re.search(r"by \S+ \(vendor API down\); tenant-42: by \S+, until ", done.stdout)
+    assert done.stdout.rstrip().endswith("resumed orders/tenant-42\nresumed orders")
 
 
 def test_the_node_sample_with_real_pg(pfa_worker, database_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
