@@ -3,7 +3,14 @@
 from syncworker.api import TriggerError, trigger_sync, trigger_sync_blocking
 from syncworker.config import ConfigError, Settings, load_config
 from syncworker.context import SyncContext
-from syncworker.control import ControlError, pause, pause_blocking, resume, resume_blocking
+from syncworker.control import (
+    ControlError,
+    cancel,
+    pause,
+    pause_blocking,
+    resume,
+    resume_blocking,
+)
 from syncworker.daemon.worker import Worker
 from syncworker.version import VERSION
 
@@ -15,6 +22,7 @@ __all__ = [
     "SyncContext",
     "TriggerError",
     "Worker",
+    "cancel",
     "load_config",
     "pause",
     "pause_blocking",

@@ -1,4 +1,5 @@
-"""The operators' commands: `pause` and `resume` (control.py does the work)."""
+"""The operators' commands: `pause`, `resume` and `cancel` (control.py does
+the work)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from syncworker.cliutil import (
     run_async,
     settings_for,
 )
-from syncworker.control import ControlError, pause, resume
+from syncworker.control import ControlError, cancel, pause, resume
 from syncworker.durations import DurationError, parse_duration, parse_time
 
 ScopeOpt = Annotated[str | None, typer.Option("--scope", "-s", help="Only this scope of the job.")]
@@ -114,6 +115,44 @@ def resume_command(
     typer.echo(f"resumed {key}" if lifted else f"{key} was not paused")
 
 
+def cancel_command(
+    run_id: Annotated[int, typer.Argument(help="The run to cancel.", min=1)],
+    reason: Annotated[str | None, typer.Option("--reason", help="Why: in the run's error.")] = None,
+    by: Annotated[
+        str | None,
+        typer.Option("--by", help="Recorded as who cancelled (default: the database user)."),
+    ] = None,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Cancel a pending or running run: it ends `cancelled`, never retried."""
+    settings = settings_for(config, database_url, required=False)
+
+    async def go() -> str:
+        conn = await connect(settings)
+        async with conn:
+            try:
+                return await cancel(
+                    conn,
+                    run_id,
+                    reason=reason,
+                    by=by,
+                    events=settings.events_channel,
+                    schema=settings.schema,
+                )
+            except ControlError as exc:
+                fail(1, str(exc))
+
+    status = run_async(go)
+    if status == "cancelled":
+        typer.echo(f"run {run_id} cancelled")
+    elif status == "running":
+        typer.echo(f"run {run_id}: its worker is stopping it")
+    else:
+        typer.echo(f"run {run_id} had ended ({status}): nothing changed")
+
+
 def register(app: typer.Typer) -> None:
     app.command("pause")(pause_command)
     app.command("resume")(resume_command)
+    app.command("cancel")(cancel_command)

@@ -187,6 +187,9 @@ class Settings(_SchemaField):
     events_channel: str = "sync_events"
     concurrency: int = Field(default=1, ge=1, le=1000)
     drain_timeout: float = Field(default=300, ge=0)
+    # A cancelled run's step gets this long after ctx.stopping (and SIGTERM
+    # for a command) before it is cancelled (a command's group SIGKILLed).
+    cancel_grace: float = Field(default=10, ge=0)
     heartbeat_interval: float = Field(default=10, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -1,5 +1,5 @@
-"""Operators' actions from Python, the equivalents of syncworker.pause() and
-syncworker.resume() in SQL and of `syncworker pause` / `resume`.
+"""Operators' actions from Python, the equivalents of syncworker.pause(),
+resume() and cancel() in SQL and of `syncworker pause` / `resume` / `cancel`.
 
 Like trigger_sync, each joins the caller's transaction: durable when the
 call returns on an autocommit connection, else with the caller's commit.
@@ -18,12 +18,12 @@ import psycopg
 from psycopg.rows import class_row
 
 from syncworker.db import queries
-from syncworker.db.rows import Hold, Lifted
+from syncworker.db.rows import CancelStatus, Hold, Lifted
 
 
 class ControlError(ValueError):
-    """The database refused the action: an unknown job or scope, an until
-    that is not in the future."""
+    """The database refused the action: an unknown job, scope or run, an
+    until that is not in the future."""
 
 
 def _pause(
@@ -111,6 +111,28 @@ def resume_blocking(
     with _refused(), conn.cursor(row_factory=class_row(Lifted)) as cur:
         row = cur.execute(query.composed, params).fetchone()
     return row is not None and row.lifted
+
+
+async def cancel(
+    conn: psycopg.AsyncConnection[Any],
+    run_id: int,
+    *,
+    reason: str | None = None,
+    by: str | None = None,
+    events: str = "sync_events",
+    schema: str = "syncworker",
+) -> str:
+    """Cancel run `run_id`: a pending one at once, a running one by its
+    owner within a second (`cancel_grace` for a step that does not stop);
+    returns the run's status after the request (`cancelled`, `running`, or
+    the status of a run that had finished, left as it was). `events` is the
+    worker's events_channel, where a pending run's run_cancelled goes."""
+    params = {"id": run_id, "reason": reason, "by": by, "events": events}
+    q = queries.for_schema(schema)
+    with _refused():
+        row = await queries.one(conn, q["cancel"], params, CancelStatus)
+    assert row is not None
+    return row.status
 
 
 @contextlib.contextmanager

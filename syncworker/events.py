@@ -7,9 +7,10 @@ together: it makes the database publish each kind and parses it with these.
 - The trigger channel (`channel`, default `sync_trigger`): a job name, or
   a JSON request (triggers.py parses it; SPEC "Payloads").
 - The wake channel (`<schema>_wake`): a job name (a run of it is pending),
-  a reservation, `{"reserved_for": <worker id>, "id": <run id>}`, or a hold
+  a reservation, `{"reserved_for": <worker id>, "id": <run id>}`, a hold
   that changed, `{"pause": <job>}` (pause(), resume()): workers re-read when
-  the next hold ends.
+  the next hold ends, or a cancel, `{"cancel": <run id>}` (cancel()): the
+  run's owner confirms it from cancels and stops the run.
   Nothing else: the channel can be LISTENed to by any role, so it carries
   neither scopes nor payloads. A reservation is only a hint of which run to
   claim (any role may NOTIFY any channel): the claim decides.
@@ -66,6 +67,21 @@ def reserved_run_id(payload: str, worker_id: str) -> int | None:
         return run_id
     except ValueError:
         return None
+
+
+def cancelled_run_id(payload: str) -> int | None:
+    """The run a cancel wake names; None if it is not one. A hint: the
+    owner stops the run only once the database has the request."""
+    if not payload.startswith('{"cancel"'):
+        return None
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None
+    run_id = data.get("cancel") if isinstance(data, dict) else None
+    if isinstance(run_id, bool) or not isinstance(run_id, int) or run_id <= 0:
+        return None
+    return run_id
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,15 @@ class _Interrupted(Exception):
     """The worker is draining: stop at this step boundary and requeue."""
 
 
+@dataclass
+class CancelRequest:
+    """An operator's cancel of the run (cancel(), confirmed from the
+    database's cancels by the worker): once `why` is set, every outcome the
+    run writes is `cancelled` with `why` as its error, and it is not retried."""
+
+    why: str | None = None
+
+
 @dataclass(frozen=True)
 class RunEnv:
     store: Store
@@ -66,6 +75,7 @@ class RunEnv:
     # The worker's lease for this run (lease.py): its steps stop once it is
     # no longer valid, before a peer may take the run over.
     token: lease.Token | None = None
+    cancel: CancelRequest = dataclasses.field(default_factory=CancelRequest)
 
     def self_fenced(self) -> bool:
         return self.token is not None and not self.token.valid()
@@ -285,6 +295,8 @@ async def _finish(
     seconds: float,
 ) -> None:
     env.settling.set()
+    if env.cancel.why is not None:  # whatever the step did since, it was cancelled
+        status, error = "cancelled", env.cancel.why
     owned = await _persist(log, lambda c: env.store.finish(c, run, status, counters, error), env)
     if not owned:
         log.warning("run_lost", reason="another worker took the run over", outcome=status)
@@ -292,7 +304,7 @@ async def _finish(
     fields: dict[str, Any] = {"duration_ms": round(seconds * 1000), **_show(counters)}
     if error is not None:
         fields["error"] = error
-    (log.info if status == "succeeded" else log.error)(
+    (log.info if status in ("succeeded", "cancelled") else log.error)(
         f"run_{status}", attempt=run.attempt, **fields
     )
 
@@ -301,6 +313,15 @@ async def _requeue(run: ClaimedRun, env: RunEnv, log: FilteringBoundLogger, reas
     # Shielded and bounded: a second signal must not leave the run `running`,
     # and a dead database must not hold the exit (orphan recovery covers it).
     async def write() -> str | None:
+        why = env.cancel.why
+        if why is not None:  # an operator's cancel: ended, never retried
+            owned = await _persist(
+                log,
+                lambda c: env.store.finish(c, run, "cancelled", Counters(), why),
+                env,
+                limit=10.0,
+            )
+            return "cancelled" if owned else None
         return await _persist(log, lambda c: env.store.requeue(c, run, reason), env, limit=10.0)
 
     env.settling.set()
@@ -313,7 +334,7 @@ async def _requeue(run: ClaimedRun, env: RunEnv, log: FilteringBoundLogger, reas
         except asyncio.CancelledError:
             cancelled = True  # a repeated cancel must not abandon the write either
     status = task.result() or "lost"
-    log.info("run_cancelled", reason=reason, status=status)
+    log.info("run_cancelled", reason=env.cancel.why or reason, status=status)
     if cancelled:
         raise asyncio.CancelledError
     return status

@@ -48,6 +48,7 @@ class Executor:
         metrics: Metrics,
         state_changed: Callable[[], None],
         request_stop: Callable[[], None],
+        cancel_grace: Callable[[], float],
     ) -> None:
         self._worker_id = worker_id
         self._store = store
@@ -62,12 +63,46 @@ class Executor:
         self._metrics = metrics
         self._state_changed = state_changed
         self._request_stop = request_stop
+        self._cancel_grace = cancel_grace
         self._woken = asyncio.Event()
         self._said_abandoned = False
 
     def wake(self) -> None:
         """A run may be claimable, or a slot free: look."""
         self._woken.set()
+
+    def drain_begins(self) -> None:
+        """The worker stops: every run's ctx.stopping is set."""
+        for env in self._slots.envs.values():
+            env.stopping.set()
+
+    def cancel_requested(self, run_id: int) -> None:
+        """A wake said an operator cancelled run `run_id`: if it is ours, stop
+        it once the database confirms the request (any role may send the wake)."""
+        env = self._slots.envs.get(run_id)
+        if env is None or env.cancel.why is not None:
+            return
+        self._background.spawn(self._confirm_cancel(run_id, env))
+
+    async def _confirm_cancel(self, run_id: int, env: RunEnv) -> None:
+        try:
+            async with self._connect() as conn:
+                why = await self._store.cancel_request(conn, run_id)
+        except TRANSIENT as exc:
+            # Unconfirmed: the run goes on; a new cancel() call sends a new wake.
+            self._log.warning("cancel_unconfirmed", run_id=run_id, error=first_line(exc))
+            return
+        if why is None or self._slots.envs.get(run_id) is not env or env.cancel.why is not None:
+            return  # forged, or the run ended meanwhile
+        env.cancel.why = why
+        grace = self._cancel_grace()
+        self._log.info("run_cancel_requested", run_id=run_id, reason=why, grace=grace)
+        env.stopping.set()  # ctx.stopping, and SIGTERM for a command
+        asyncio.get_running_loop().call_later(grace, self._cancel_after_grace, run_id, env)
+
+    def _cancel_after_grace(self, run_id: int, env: RunEnv) -> None:
+        if self._slots.envs.get(run_id) is env:
+            self.cancel_run(run_id, "cancelled")
 
     async def run(self) -> None:
         self.wake()  # pending runs may be waiting from before we started
@@ -106,12 +141,17 @@ class Executor:
         its claim saw (a reload meanwhile does not change them, nor remove
         the job from under it); `token` is the lease's, taken before the
         claim was sent."""
+        # The run's own stop request (ctx.stopping): set for all at a drain,
+        # and for this one by an operator's cancel.
+        stopping = asyncio.Event()
+        if self._life.stopping.is_set():
+            stopping.set()
         env = RunEnv(
             store=self._store,
             connect=self._connect,
             step_connect=self._step_connect,
             log=self._log,
-            stopping=self._life.stopping,
+            stopping=stopping,
             via=via,
             token=token,
         )

@@ -38,7 +38,7 @@ from syncworker.daemon.slots import Slots
 from syncworker.daemon.startup import Startup
 from syncworker.db import Store
 from syncworker.dbclock import DbClock
-from syncworker.events import is_hold_change, is_reservation
+from syncworker.events import cancelled_run_id, is_hold_change, is_reservation
 from syncworker.http import start_http, worker_routes
 from syncworker.lease import Lease, LeaseTiming
 from syncworker.logs import make_logger
@@ -99,6 +99,7 @@ class Worker:
             metrics=self.metrics,
             state_changed=lambda: self._liveness.changed(),
             request_stop=self.stop,
+            cancel_grace=lambda: self.settings.cancel_grace,
             **common,
         )
         wake, start_run = self._executor.wake, self._executor.start_run
@@ -244,6 +245,7 @@ class Worker:
         )
         systemd.notify("STOPPING=1")
         life.stopping.set()
+        self._executor.drain_begins()
         self._liveness.changed()
 
     async def __aenter__(self) -> Worker:
@@ -343,6 +345,8 @@ class Worker:
         elif is_hold_change(notify.payload):
             self._scheduler.reschedule()  # when the next hold ends
             self._executor.wake()
+        elif (cancelled := cancelled_run_id(notify.payload)) is not None:
+            self._executor.cancel_requested(cancelled)
         elif is_reservation(notify.payload):
             await self._reservations.on_reservation(notify.payload, session)
         else:

@@ -27,8 +27,9 @@ class ReadQueries(StoreBase):
     async def read_status(
         self, conn: psycopg.AsyncConnection[Any], *, limit: int, job: str | None
     ) -> dict[str, Any]:
-        """Workers, jobs, recent runs and a summary. The runs have no
-        `payload` key when this role may not read it."""
+        """Workers, jobs, recent runs, a summary, and the latest operators'
+        actions. The runs have no `payload` key when this role may not read
+        it, nor the whole `actions` key when it may not read those."""
         payload = await self.may_read_payload(conn)
         q = self.q
         runs = q["recent_runs"] if payload else q["recent_runs_no_payload"]
@@ -41,7 +42,18 @@ class ReadQueries(StoreBase):
             recent = await cur.fetchall()
             await cur.execute(q["status_summary"].composed, {"job": job})
             summary = await cur.fetchone()
-        return {"workers": workers, "jobs": jobs, "runs": recent, "summary": summary or {}}
+        status: dict[str, Any] = {
+            "workers": workers,
+            "jobs": jobs,
+            "runs": recent,
+            "summary": summary or {},
+        }
+        allowed = await queries.one(conn, q["may_read_actions"], {"schema": self.schema}, Allowed)
+        if allowed is not None and allowed.allowed:  # else the key is left out
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(q["status_actions"].composed)
+                status["actions"] = await cur.fetchall()
+        return status
 
     async def read_run(
         self, conn: psycopg.AsyncConnection[Any], run_id: int, *, payload: bool | None = None

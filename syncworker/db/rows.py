@@ -231,3 +231,13 @@ class Lifted:
 @dataclass(frozen=True)
 class HoldEnd:
     until: datetime | None
+
+
+@dataclass(frozen=True)
+class CancelWhy:
+    why: str
+
+
+@dataclass(frozen=True)
+class CancelStatus:
+    status: str

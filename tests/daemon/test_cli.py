@@ -117,7 +117,7 @@ def test_status_json_and_table(database_url, tmp_path, start):
     out = cli("status", "--json", "--config", str(config))
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert set(data) == {"workers", "jobs", "runs", "summary"}
+    assert set(data) == {"workers", "jobs", "runs", "summary", "actions"}
     assert data["summary"]["total"] == 2 and data["summary"]["succeeded"] == 2
     assert data["summary"]["last_success_at"]
     [worker] = data["workers"]

@@ -312,7 +312,7 @@ def test_status_is_what_status_json_prints(database_url, tmp_path, start, port) 
     assert headers["Content-Type"] == "application/json"
     served = json.loads(body)
     printed = json.loads(cli("status", "--json", "--config", str(config)).stdout)
-    assert set(served) == set(printed) == {"workers", "jobs", "runs", "summary"}
+    assert set(served) == set(printed) == {"workers", "jobs", "runs", "summary", "actions"}
     # Nothing changes the runs or jobs between the two reads; heartbeats do.
     assert served["jobs"] == printed["jobs"]
     assert served["runs"] == printed["runs"]

@@ -181,6 +181,13 @@ def test_the_cli_pauses_shows_and_resumes(database_url, tmp_path, start):
         database_url, "SELECT actor, detail FROM syncworker.actions WHERE action = 'pause'"
     )
     assert actor == "ops-anna" and detail["reason"] == "vendor down"
+    shown = json.loads(cli("status", "--json", "--config", str(config)).stdout)["actions"]
+    assert [(a["action"], a["job"]) for a in shown] == [
+        ("resume", "solo"),
+        ("resume", "solo"),
+        ("pause", "solo"),
+    ]
+    assert shown[-1]["actor"] == "ops-anna" and shown[-1]["detail"]["reason"] == "vendor down"
     assert daemon.stop() == 0
 
 

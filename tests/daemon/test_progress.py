@@ -270,7 +270,7 @@ def test_status_watch_json_is_woken_by_run_events(database_url, tmp_path, start)
     code, err = stop_watch(proc)
     assert code == 0, err
     docs = [json.loads(line) for line in out.lines]
-    assert all(set(d) == {"workers", "jobs", "runs", "summary"} for d in docs)
+    assert all(set(d) == {"workers", "jobs", "runs", "summary", "actions"} for d in docs)
 
 
 def test_a_failing_progress_write_does_not_fail_the_run(database_url, tmp_path, start):

@@ -1225,6 +1225,7 @@ def test_mixed_case_schema_and_channels_are_quoted_identifiers(database_url, tmp
     )
     assert tables == [
         ("actions",),
+        ("cancels",),
         ("jobs",),
         ("migrations",),
         ("pauses",),

@@ -39,21 +39,27 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
                          AND l.objid = w.lock_key::bigint::oid)))
 
 -- name: recover_orphans :many
--- Take back the runs of workers that are gone: pending again while attempts are left, else failed.
+-- Take back the runs of workers that are gone: pending again while attempts are left, else failed (cancelled when asked).
 -- A run is orphaned when its worker no longer holds its liveness lock (the
 -- session died: kill -9, host loss, lost connection), has stopped, has no
 -- row, or stopped heartbeating (fragment worker_gone). It goes back to pending
 -- while it has attempts left and no follow-up is already pending, else it
 -- fails. Runs recorded under this worker but not in flight here are orphans
--- too: their final write was lost in a database outage.
+-- too: their final write was lost in a database outage. A run an operator
+-- cancelled (cancels) is never retried: it ends cancelled, as its owner would
+-- have ended it.
 WITH lost AS (
     SELECT r.id,
-           r.attempt < r.max_attempts AND NOT EXISTS (
+           c.run_id IS NULL AND r.attempt < r.max_attempts AND NOT EXISTS (
                SELECT 1 FROM {s}.runs p
                WHERE p.status = 'pending' AND p.job = r.job
-                 AND coalesce(p.scope, '') = coalesce(r.scope, '')) AS retry
+                 AND coalesce(p.scope, '') = coalesce(r.scope, '')) AS retry,
+           CASE WHEN c.run_id IS NOT NULL
+                THEN 'cancelled by ' || c.requested_by || coalesce(': ' || c.reason, '')
+           END AS cancelled
     FROM {s}.runs r
     LEFT JOIN {s}.workers w ON w.id = r.worker_id
+    LEFT JOIN {s}.cancels c ON c.run_id = r.id
     WHERE r.status = 'running'
       AND (r.worker_id = %(me)s AND NOT (r.id = ANY(%(mine)s::bigint[]))
            -- not one claimed after the in-flight list was taken
@@ -64,18 +70,19 @@ WITH lost AS (
     FOR UPDATE OF r SKIP LOCKED
 ), steps AS (
     UPDATE {s}.run_steps st
-    SET status = 'failed', finished_at = now(), error = 'worker lost',
+    SET status = 'failed', finished_at = now(), error = coalesce(lost.cancelled, 'worker lost'),
         duration_ms = (extract(epoch FROM now() - st.started_at) * 1000)::bigint
     FROM lost WHERE st.run_id = lost.id AND st.status = 'running'
 )
 UPDATE {s}.runs AS r
-SET status = CASE WHEN lost.retry THEN 'pending' ELSE 'failed' END,
+SET status = CASE WHEN lost.cancelled IS NOT NULL THEN 'cancelled'
+                  WHEN lost.retry THEN 'pending' ELSE 'failed' END,
     started_at = CASE WHEN lost.retry THEN NULL ELSE r.started_at END,
     finished_at = CASE WHEN lost.retry THEN NULL ELSE now() END,
     duration_ms = CASE WHEN lost.retry THEN NULL
                        ELSE (extract(epoch FROM now() - r.started_at) * 1000)::bigint END,
     worker_id = CASE WHEN lost.retry THEN NULL ELSE r.worker_id END,
-    current_step = NULL, error = 'worker lost'
+    current_step = NULL, error = coalesce(lost.cancelled, 'worker lost')
 FROM lost WHERE r.id = lost.id
 RETURNING r.id, r.job, r.scope, r.status, pg_notify(%(events)s, json_build_object(
     'event', CASE WHEN r.status = 'failed' THEN 'run_failed' ELSE 'run_cancelled' END,

@@ -72,3 +72,14 @@ SELECT
 -- include: run_columns_before_payload
 -- include: run_columns_after_payload
 FROM {s}.runs WHERE id = %(id)s;
+
+-- name: may_read_actions :one
+-- Whether this role may read the record of operators' actions (granted apart: README "Operating").
+SELECT has_table_privilege(c.oid, 'SELECT') AS allowed
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = 'actions';
+
+-- name: status_actions :many
+-- The latest operators' actions (pause, resume, cancel), newest first.
+SELECT id, at, actor, action, job, scope, run_id, detail
+FROM {s}.actions ORDER BY id DESC LIMIT 20;

@@ -1,4 +1,5 @@
--- pauses and actions: keys held by an operator, and what operators did (010).
+-- pauses and actions: keys held by an operator, and what operators did (010;
+-- cancel and run_id from 011).
 --
 -- A row of pauses in force (until NULL or later than now()) holds its job
 -- (scope NULL) or one scope of it: no run of the key starts on any worker,
@@ -28,8 +29,9 @@ CREATE TABLE __SCHEMA__.actions (
     id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     at      timestamptz NOT NULL DEFAULT now(),
     actor   text NOT NULL,
-    action  text NOT NULL CHECK (action IN ('pause', 'resume')),
+    action  text NOT NULL CHECK (action IN ('pause', 'resume', 'cancel')),
     job     text NOT NULL,
     scope   text,
-    detail  jsonb NOT NULL DEFAULT '{}'
+    detail  jsonb NOT NULL DEFAULT '{}',
+    run_id  bigint  -- the run a cancel was for
 );
