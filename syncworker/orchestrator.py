@@ -104,14 +104,14 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
         try:
             await _attempt(run, job, steps, env, log, counters)
         except _Interrupted:
-            return await _requeue(run, env, log, "interrupted by shutdown")
+            return await _requeue(run, env, log, "interrupted by shutdown", counters)
         except asyncio.CancelledError:
             if env.self_fenced():  # stopped on our own, taken over or not
                 await _self_fence(run, env, log)
             elif env.lost.is_set():
                 log.warning("run_lost", reason="another worker took the run over")
             else:
-                await _requeue(run, env, log, "cancelled by shutdown")
+                await _requeue(run, env, log, "cancelled by shutdown", counters)
             raise
         except Exception as exc:
             if env.self_fenced():  # a command the lease watchdog killed, say
@@ -129,14 +129,18 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
 
         if run.attempt >= run.max_attempts or env.stopping.is_set():
             if env.stopping.is_set() and run.attempt < run.max_attempts:
-                return await _requeue(run, env, log, f"interrupted by shutdown after: {error}")
+                return await _requeue(
+                    run, env, log, f"interrupted by shutdown after: {error}", counters
+                )
             await _finish(run, env, log, "failed", counters, error, loop.time() - started)
             return "failed"
 
         delay = job.retry_backoff * 2 ** (run.attempt - 1)
         log.info("run_retrying", attempt=run.attempt, next_attempt=run.attempt + 1, delay=delay)
         if await wait_event(env.stopping, delay) or await _abandoned_or_stop(env, log):
-            return await _requeue(run, env, log, f"interrupted by shutdown after: {error}")
+            return await _requeue(
+                run, env, log, f"interrupted by shutdown after: {error}", counters
+            )
         if env.self_fenced():  # no next attempt on a lapsed lease
             return await _self_fence(run, env, log)
         if not await _persist(log, functools.partial(env.store.next_attempt, run=run), env):
@@ -309,7 +313,16 @@ async def _finish(
     )
 
 
-async def _requeue(run: ClaimedRun, env: RunEnv, log: FilteringBoundLogger, reason: str) -> str:
+async def _requeue(
+    run: ClaimedRun,
+    env: RunEnv,
+    log: FilteringBoundLogger,
+    reason: str,
+    counters: Counters | None = None,
+) -> str:
+    """Put the run back to pending (its attempt interrupted), or, once an
+    operator cancelled it, end it `cancelled` with the attempt's `counters`."""
+
     # Shielded and bounded: a second signal must not leave the run `running`,
     # and a dead database must not hold the exit (orphan recovery covers it).
     async def write() -> str | None:
@@ -317,7 +330,7 @@ async def _requeue(run: ClaimedRun, env: RunEnv, log: FilteringBoundLogger, reas
         if why is not None:  # an operator's cancel: ended, never retried
             owned = await _persist(
                 log,
-                lambda c: env.store.finish(c, run, "cancelled", Counters(), why),
+                lambda c: env.store.finish(c, run, "cancelled", counters or Counters(), why),
                 env,
                 limit=10.0,
             )
