@@ -66,6 +66,7 @@ class Executor:
         self._cancel_grace = cancel_grace
         self._woken = asyncio.Event()
         self._said_abandoned = False
+        self._confirming: set[int] = set()  # runs whose cancel is being read
 
     def wake(self) -> None:
         """A run may be claimable, or a slot free: look."""
@@ -80,9 +81,11 @@ class Executor:
         """A wake said an operator cancelled run `run_id`: if it is ours, stop
         it once the database confirms the request (any role may send the wake)."""
         env = self._slots.envs.get(run_id)
-        if env is None or env.cancel.why is not None:
-            return
-        self._background.spawn(self._confirm_cancel(run_id, env))
+        if env is None or env.cancel.why is not None or run_id in self._confirming:
+            return  # not ours, cancelled already, or being confirmed: a flood costs one read
+        self._confirming.add(run_id)
+        task = self._background.spawn(self._confirm_cancel(run_id, env))
+        task.add_done_callback(lambda _: self._confirming.discard(run_id))
 
     async def _confirm_cancel(self, run_id: int, env: RunEnv) -> None:
         try:
