@@ -35,6 +35,8 @@ def _pause(
     by: str | None,
 ) -> tuple[queries.Query, dict[str, Any]]:
     q = queries.for_schema(schema)
+    if until is not None and until.tzinfo is None:
+        until = until.astimezone()  # a naive time is this machine's local time, as in the CLI
     params = {"job": job, "scope": scope, "until": until, "reason": reason, "by": by}
     return q["pause"], params
 

@@ -6,6 +6,8 @@ import re
 from datetime import datetime, timedelta
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Far enough for any hold, near enough that now + it is a valid time.
+MAX_DURATION = timedelta(days=3650)
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 
 
@@ -27,6 +29,8 @@ def parse_duration(text: str) -> timedelta:
         seconds = sum(float(n) * _UNITS[u] for n, u in parts)
     if seconds <= 0:
         raise DurationError(f"{text!r} is not a positive duration")
+    if seconds > MAX_DURATION.total_seconds():
+        raise DurationError(f"{text!r} is too long: at most {MAX_DURATION.days} days")
     return timedelta(seconds=seconds)
 
 
@@ -40,4 +44,7 @@ def parse_time(text: str) -> datetime:
             f"{text!r} is not a time: write it as 2026-12-03T18:00 (local) or with an offset"
             " (2026-12-03T18:00+00:00)"
         ) from None
-    return when if when.tzinfo is not None else when.astimezone()
+    when = when if when.tzinfo is not None else when.astimezone()
+    if when.year >= 9999:
+        raise DurationError(f"{text!r} is too far: give a time before the year 9999")
+    return when

@@ -143,6 +143,11 @@ async def execute_run(run: ClaimedRun, job: JobConfig, steps: Sequence[Step], en
             )
         if env.self_fenced():  # no next attempt on a lapsed lease
             return await _self_fence(run, env, log)
+        held = functools.partial(env.store.key_held, job=run.job, scope=run.scope)
+        if await _persist(log, held, env):
+            # Paused meanwhile (the vendor is down): the next attempt waits,
+            # pending, for the resume instead of hitting it again.
+            return await _requeue(run, env, log, f"held by a pause after: {error}", counters)
         if not await _persist(log, functools.partial(env.store.next_attempt, run=run), env):
             log.warning("run_lost", reason="another worker took the run over")
             return "lost"

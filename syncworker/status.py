@@ -105,9 +105,16 @@ def _hold(prefix: str, hold: Mapping[str, Any], now: datetime) -> str:
     until = hold.get("paused_until")
     if isinstance(until, str):
         until = datetime.fromisoformat(until)  # a scope's hold comes as JSON
-    text = f"{prefix}by {hold.get('paused_by')}"
+    text = f"{prefix}by {_one_line(hold.get('paused_by'))}"
     text += f", until {_when(until, now)}" if until else ""
-    return text + (f" ({hold['paused_reason']})" if hold.get("paused_reason") else "")
+    reason = hold.get("paused_reason")
+    return text + (f" ({_one_line(reason)})" if reason else "")
+
+
+def _one_line(value: Any) -> str:
+    """Operator-written text on one line of the table: no control characters
+    (a newline in a reason would draw a row of its own)."""
+    return "".join(c if c.isprintable() else " " for c in str(value))
 
 
 def _records(run: Mapping[str, Any]) -> str:

@@ -140,8 +140,11 @@ class Scheduler:
             await self._store.set_next_fire(conn, upcoming)
             hold_ends = await self._store.next_hold_end(conn)
         self._next_fires = upcoming
-        if self._hold_ends is not None and self._hold_ends <= now:
-            self._wake()  # the runs the hold kept waiting may start
+        if self._hold_ends is not None and self._hold_ends != hold_ends:
+            # The end we knew of passed (by our clock or only by the
+            # database's, a moment later) or was lifted: the runs it kept
+            # waiting may start.
+            self._wake()
         self._hold_ends = hold_ends
         if not self._stopping.is_set():
             self._passed()

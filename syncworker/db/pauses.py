@@ -10,10 +10,16 @@ import psycopg
 
 from syncworker.db import queries
 from syncworker.db.base import StoreBase
-from syncworker.db.rows import HoldEnd
+from syncworker.db.rows import Held, HoldEnd
 
 
 class PauseQueries(StoreBase):
+    async def key_held(
+        self, conn: psycopg.AsyncConnection[Any], job: str, scope: str | None
+    ) -> bool:
+        row = await queries.one(conn, self.q["key_held"], {"job": job, "scope": scope}, Held)
+        return row is not None and row.held
+
     async def next_hold_end(self, conn: psycopg.AsyncConnection[Any]) -> datetime | None:
         row = await queries.one(conn, self.q["next_hold_end"], None, HoldEnd)
         return None if row is None else row.until

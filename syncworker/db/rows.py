@@ -241,3 +241,8 @@ class CancelWhy:
 @dataclass(frozen=True)
 class CancelStatus:
     status: str
+
+
+@dataclass(frozen=True)
+class Held:
+    held: bool

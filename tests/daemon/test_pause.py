@@ -23,6 +23,11 @@ JOBS = """
 [jobs.solo]
 steps = ["sw_testjobs:record"]
 
+[jobs.flaky]
+steps = ["sw_testjobs:record"]
+retries = 3
+retry_backoff = 1
+
 [jobs.pfa]
 scopes = ["A", "B"]
 steps = ["sw_testjobs:record"]
@@ -180,21 +185,23 @@ def test_the_cli_pauses_shows_and_resumes(database_url, tmp_path, start):
     [(actor, detail)] = query(
         database_url, "SELECT actor, detail FROM syncworker.actions WHERE action = 'pause'"
     )
-    assert actor == "ops-anna" and detail["reason"] == "vendor down"
+    # The record names the role that acted; `--by` is what it said, kept beside.
+    [(me,)] = query(database_url, "SELECT session_user::text")
+    assert (actor, detail["by"], detail["reason"]) == (me, "ops-anna", "vendor down")
     shown = json.loads(cli("status", "--json", "--config", str(config)).stdout)["actions"]
     assert [(a["action"], a["job"]) for a in shown] == [
         ("resume", "solo"),
         ("resume", "solo"),
         ("pause", "solo"),
     ]
-    assert shown[-1]["actor"] == "ops-anna" and shown[-1]["detail"]["reason"] == "vendor down"
+    assert shown[-1]["actor"] == me and shown[-1]["detail"]["by"] == "ops-anna"
     assert daemon.stop() == 0
 
 
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["pause", "nope"], 1, "unknown job 'nope' (known jobs: pfa, solo, tick)"),
+        (["pause", "nope"], 1, "unknown job 'nope' (known jobs: flaky, pfa, solo, tick)"),
         (["pause", "pfa", "--scope", "C"], 1, "unknown scope 'C' for job 'pfa' (scopes: A, B)"),
         (["pause", "solo", "--scope", "A"], 1, "unknown scope 'A' for job 'solo'"),
         (["pause", "solo", "--until", "2001-01-01T00:00+00:00"], 1, "is not in the future"),
@@ -288,3 +295,42 @@ def test_the_upgrade_lets_every_reader_of_jobs_read_the_holds(database_url, tmp_
                 conn.execute("SELECT * FROM syncworker.actions")
     finally:
         made.drop_all()
+
+
+@pytest.mark.parametrize("until", ["'infinity'", "'10000-01-01 00:00+00'"])
+def test_an_until_beyond_what_a_worker_can_read_is_refused(database_url, tmp_path, until):
+    config = write_config(tmp_path / "c.toml", database_url, JOBS)
+    assert cli("migrate", "--config", str(config)).returncode == 0
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="too far"):
+        query(database_url, f"SELECT syncworker.pause('solo', until => {until})")
+    assert query(database_url, "SELECT count(*) FROM syncworker.pauses") == [(0,)]
+    far = cli("pause", "solo", "--until", "9999-12-31T23:59:59-05:00", "--config", str(config))
+    assert far.returncode == 2 and "too far" in far.stderr, far.stderr
+    huge = cli("pause", "solo", "--for", "99999999999d", "--config", str(config))
+    assert huge.returncode == 2 and "too long" in huge.stderr, huge.stderr
+
+
+def test_a_fire_due_inside_a_hold_is_not_run_however_late_it_is_handled(database_url, tmp_path):
+    config = write_config(tmp_path / "c.toml", database_url, JOBS)
+    assert cli("migrate", "--config", str(config)).returncode == 0
+    [(paused_at, until)] = query(
+        database_url,
+        "SELECT paused_at, until FROM syncworker.pause('tick', until => now() + interval '1 second')",
+    )
+    time.sleep(1.2)  # the hold has ended; a worker handles an old fire only now
+    fire = "SELECT run_id FROM syncworker.trigger('tick', NULL, 'cron', 'cron', '{}', %s)"
+    assert query(database_url, fire, (paused_at + (until - paused_at) / 2,)) == []
+    assert len(query(database_url, fire, (until,))) == 1  # due when the hold had ended
+
+
+def test_a_retry_waits_as_pending_while_its_job_is_paused(database_url, tmp_path, start):
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
+    run_id = trigger(database_url, "flaky", None, fail_times=1)
+    daemon.wait_for("run_retrying", run_id=run_id)  # attempt 1 failed; 1 s before the next
+    execute(database_url, "SELECT syncworker.pause('flaky', reason => 'vendor down')")
+    wait_until(lambda: status(database_url, run_id) == "pending", timeout=5, what="requeued")
+    stays_pending(database_url, run_id, 1.0)
+    assert daemon.events("run_cancelled", run_id=run_id)[0]["reason"].startswith("held by a pause")
+    execute(database_url, "SELECT syncworker.resume('flaky')")
+    wait_until(lambda: status(database_url, run_id) == "succeeded", what="the retry after resume")
+    assert daemon.stop() == 0

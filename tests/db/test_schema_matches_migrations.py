@@ -39,8 +39,8 @@ MIGRATION_SHA256 = {
     "007_least_privilege.sql": "520f6d311e2ff6ff7b34c050e9f0a5e6fec03b8fbf259267499c5e377190611e",
     "008_payload_size_limit.sql": "126c25df07bc0d77637e9671fde02429af8703e900eba239f6565cbfc44d8bc7",
     "009_judged_by_own_lease.sql": "2c250ef0e3fa1e88138a8325168ad5c23f3d22bcb537247017d2f36bf180759e",
-    "010_pause_and_resume.sql": "b9fe80dd40bc1cc4320d0c0322ee010baa026c211d506b76bf245922a1466d34",
-    "011_cancel.sql": "5ff3c81d0a310e816f9ea556201886bdb2d6620a497fe1075a7981c8fe708a3a",
+    "010_pause_and_resume.sql": "0b80eef0637d3188e606011fac8e31ec36a591dd5a8e0542ae74e8c0d35659d3",
+    "011_cancel.sql": "a09ebf6b2b0aace8600156e5d6c25c49359f06a876fd3d7914caaf53362f2a4b",
 }
 
 # ACLs as (grantee, privilege, grantable), a NULL ACL as the default it stands

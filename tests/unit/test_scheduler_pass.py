@@ -155,3 +155,15 @@ def test_the_end_of_a_hold_wakes_the_pass_and_then_the_executor() -> None:
     store.hold_end = None  # it ended: none left in force
     asyncio.run(s.pass_once(T0 + timedelta(seconds=21)))
     assert woken == ["wake"]  # its waiting runs may start
+
+
+def test_an_end_passed_by_the_databases_clock_only_still_wakes() -> None:
+    """Our clock a hair before the end, the database's just past it: the
+    end is gone from the answer, and the executor must still be woken."""
+    s, store, woken = scheduler({"sync": EVERY_5}, T0)
+    s.start_from({"sync": T0})
+    store.hold_end = T0 + timedelta(seconds=20)
+    asyncio.run(s.pass_once(T0 + timedelta(seconds=1)))
+    store.hold_end = None
+    asyncio.run(s.pass_once(T0 + timedelta(seconds=19, microseconds=999_000)))
+    assert woken == ["wake"]

@@ -149,7 +149,9 @@ BEGIN
         IF trigger.scheduled_for IS NOT NULL AND EXISTS (
             SELECT 1 FROM __SCHEMA__.pauses h
             WHERE h.job = j.name AND (h.scope IS NULL OR h.scope = one_scope)
-              AND (h.until IS NULL OR h.until > now())
+              -- held at the fire's time, however late the fire is handled
+              AND h.paused_at <= trigger.scheduled_for
+              AND (h.until IS NULL OR h.until > trigger.scheduled_for)
         ) THEN
             CONTINUE;
         END IF;
@@ -335,7 +337,8 @@ AS $fn$
 DECLARE
     j     __SCHEMA__.jobs%ROWTYPE;
     held  __SCHEMA__.pauses%ROWTYPE;
-    actor text := coalesce(pause.by, session_user::text);
+    actor text := session_user::text;  -- the record names the role, whatever `by` says
+    asker text := coalesce(pause.by, session_user::text);
 BEGIN
     SELECT * INTO j FROM __SCHEMA__.jobs WHERE name = pause.job;
     IF NOT FOUND THEN
@@ -351,19 +354,25 @@ BEGIN
                   HINT = coalesce('scopes: ' || array_to_string(j.scopes, ', '),
                                   'the job has no scopes');
     END IF;
+    IF pause.until IS NOT NULL
+       AND (NOT isfinite(pause.until) OR pause.until >= '10000-01-01 00:00+00') THEN
+        RAISE EXCEPTION 'syncworker: until % is too far: give a time before the year 10000',
+            pause.until USING ERRCODE = '22023';
+    END IF;
     IF pause.until IS NOT NULL AND pause.until <= now() THEN
         RAISE EXCEPTION 'syncworker: until % is not in the future', pause.until
             USING ERRCODE = '22023';
     END IF;
     INSERT INTO __SCHEMA__.pauses AS p (job, scope, paused_by, reason, until)
-    VALUES (j.name, pause.scope, actor, pause.reason, pause.until)
+    VALUES (j.name, pause.scope, asker, pause.reason, pause.until)
     ON CONFLICT (job, (coalesce(scope, '')))
     DO UPDATE SET paused_at = now(), paused_by = excluded.paused_by,
                   reason = excluded.reason, until = excluded.until
     RETURNING * INTO held;
     INSERT INTO __SCHEMA__.actions (actor, action, job, scope, detail)
     VALUES (actor, 'pause', j.name, pause.scope,
-            json_build_object('until', pause.until, 'reason', pause.reason)::jsonb);
+            json_build_object('until', pause.until, 'reason', pause.reason,
+                              'by', pause.by)::jsonb);
     PERFORM pg_notify(__WAKE__, json_build_object('pause', j.name)::text);
     RETURN held;
 END
@@ -383,7 +392,7 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     j      __SCHEMA__.jobs%ROWTYPE;
-    actor  text := coalesce(resume.by, session_user::text);
+    actor  text := session_user::text;
     lifted boolean;
 BEGIN
     SELECT * INTO j FROM __SCHEMA__.jobs WHERE name = resume.job;
@@ -407,7 +416,8 @@ BEGIN
     )
     SELECT coalesce(bool_or(g.until IS NULL OR g.until > now()), false) INTO lifted FROM gone g;
     INSERT INTO __SCHEMA__.actions (actor, action, job, scope, detail)
-    VALUES (actor, 'resume', j.name, resume.scope, json_build_object('lifted', lifted)::jsonb);
+    VALUES (actor, 'resume', j.name, resume.scope,
+            json_build_object('lifted', lifted, 'by', resume.by)::jsonb);
     PERFORM pg_notify(__WAKE__, json_build_object('pause', j.name)::text);
     PERFORM pg_notify(__WAKE__, j.name);
     RETURN lifted;

@@ -55,7 +55,8 @@ AS $fn$
 #variable_conflict use_column
 DECLARE
     r     __SCHEMA__.runs%ROWTYPE;
-    actor text := coalesce(cancel.by, session_user::text);
+    actor text := session_user::text;  -- the record names the role, whatever `by` says
+    asker text := coalesce(cancel.by, session_user::text);
     why   text;
 BEGIN
     SELECT * INTO r FROM __SCHEMA__.runs WHERE id = cancel.run_id FOR UPDATE;
@@ -66,13 +67,14 @@ BEGIN
     IF r.status NOT IN ('pending', 'running') THEN
         RETURN r.status;  -- finished: nothing to stop, nothing changed
     END IF;
-    why := 'cancelled by ' || actor || coalesce(': ' || cancel.reason, '');
+    why := 'cancelled by ' || asker || coalesce(': ' || cancel.reason, '');
     INSERT INTO __SCHEMA__.cancels (run_id, requested_by, reason)
-    VALUES (r.id, actor, cancel.reason)
+    VALUES (r.id, asker, cancel.reason)
     ON CONFLICT (run_id) DO NOTHING;
     INSERT INTO __SCHEMA__.actions (actor, action, job, scope, run_id, detail)
     VALUES (actor, 'cancel', r.job, r.scope, r.id,
-            json_build_object('reason', cancel.reason, 'status', r.status)::jsonb);
+            json_build_object('reason', cancel.reason, 'status', r.status,
+                              'by', cancel.by)::jsonb);
     IF r.status = 'pending' THEN
         UPDATE __SCHEMA__.runs
         SET status = 'cancelled', finished_at = now(), duration_ms = 0, error = why,

@@ -12,3 +12,10 @@ SELECT {s}.resume(%(job)s, %(scope)s, %(by)s) AS lifted;
 -- name: next_hold_end :one
 -- When the soonest hold in force ends by itself: the scheduler wakes then, so its runs start.
 SELECT min(until) AS until FROM {s}.pauses WHERE until > now();
+
+-- name: key_held :one
+-- Whether a hold in force covers a job's key now: a run about to retry waits as pending instead.
+SELECT EXISTS (
+    SELECT 1 FROM {s}.pauses h
+    WHERE h.job = %(job)s AND (h.scope IS NULL OR h.scope = %(scope)s)
+      AND (h.until IS NULL OR h.until > now())) AS held;

@@ -90,7 +90,9 @@ BEGIN
         IF trigger.scheduled_for IS NOT NULL AND EXISTS (
             SELECT 1 FROM __SCHEMA__.pauses h
             WHERE h.job = j.name AND (h.scope IS NULL OR h.scope = one_scope)
-              AND (h.until IS NULL OR h.until > now())
+              -- held at the fire's time, however late the fire is handled
+              AND h.paused_at <= trigger.scheduled_for
+              AND (h.until IS NULL OR h.until > trigger.scheduled_for)
         ) THEN
             CONTINUE;
         END IF;

@@ -24,7 +24,8 @@ AS $fn$
 DECLARE
     j     __SCHEMA__.jobs%ROWTYPE;
     held  __SCHEMA__.pauses%ROWTYPE;
-    actor text := coalesce(pause.by, session_user::text);
+    actor text := session_user::text;  -- the record names the role, whatever `by` says
+    asker text := coalesce(pause.by, session_user::text);
 BEGIN
     SELECT * INTO j FROM __SCHEMA__.jobs WHERE name = pause.job;
     IF NOT FOUND THEN
@@ -40,19 +41,25 @@ BEGIN
                   HINT = coalesce('scopes: ' || array_to_string(j.scopes, ', '),
                                   'the job has no scopes');
     END IF;
+    IF pause.until IS NOT NULL
+       AND (NOT isfinite(pause.until) OR pause.until >= '10000-01-01 00:00+00') THEN
+        RAISE EXCEPTION 'syncworker: until % is too far: give a time before the year 10000',
+            pause.until USING ERRCODE = '22023';
+    END IF;
     IF pause.until IS NOT NULL AND pause.until <= now() THEN
         RAISE EXCEPTION 'syncworker: until % is not in the future', pause.until
             USING ERRCODE = '22023';
     END IF;
     INSERT INTO __SCHEMA__.pauses AS p (job, scope, paused_by, reason, until)
-    VALUES (j.name, pause.scope, actor, pause.reason, pause.until)
+    VALUES (j.name, pause.scope, asker, pause.reason, pause.until)
     ON CONFLICT (job, (coalesce(scope, '')))
     DO UPDATE SET paused_at = now(), paused_by = excluded.paused_by,
                   reason = excluded.reason, until = excluded.until
     RETURNING * INTO held;
     INSERT INTO __SCHEMA__.actions (actor, action, job, scope, detail)
     VALUES (actor, 'pause', j.name, pause.scope,
-            json_build_object('until', pause.until, 'reason', pause.reason)::jsonb);
+            json_build_object('until', pause.until, 'reason', pause.reason,
+                              'by', pause.by)::jsonb);
     PERFORM pg_notify(__WAKE__, json_build_object('pause', j.name)::text);
     RETURN held;
 END

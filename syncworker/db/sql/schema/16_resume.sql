@@ -17,7 +17,7 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     j      __SCHEMA__.jobs%ROWTYPE;
-    actor  text := coalesce(resume.by, session_user::text);
+    actor  text := session_user::text;
     lifted boolean;
 BEGIN
     SELECT * INTO j FROM __SCHEMA__.jobs WHERE name = resume.job;
@@ -41,7 +41,8 @@ BEGIN
     )
     SELECT coalesce(bool_or(g.until IS NULL OR g.until > now()), false) INTO lifted FROM gone g;
     INSERT INTO __SCHEMA__.actions (actor, action, job, scope, detail)
-    VALUES (actor, 'resume', j.name, resume.scope, json_build_object('lifted', lifted)::jsonb);
+    VALUES (actor, 'resume', j.name, resume.scope,
+            json_build_object('lifted', lifted, 'by', resume.by)::jsonb);
     PERFORM pg_notify(__WAKE__, json_build_object('pause', j.name)::text);
     PERFORM pg_notify(__WAKE__, j.name);
     RETURN lifted;
