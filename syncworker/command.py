@@ -82,6 +82,8 @@ async def _run_command(
         "SYNCWORKER_SOURCE": ctx.source,
         "SYNCWORKER_TRIGGERED_BY": ctx.triggered_by or "",
         "SYNCWORKER_ATTEMPT": str(ctx.attempt),
+        # The cron fire's time (ISO 8601), empty for a trigger.
+        "SYNCWORKER_SCHEDULED_FOR": ctx.scheduled_for.isoformat() if ctx.scheduled_for else "",
         "SYNCWORKER_PAYLOAD_FILE": payload_path,
     }
     if len(payload.encode()) <= PAYLOAD_IN_ENV_MAX:

@@ -7,6 +7,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -70,6 +71,8 @@ class SyncContext:
     _run_counters: Counters
     _step_counters: Counters = field(default_factory=Counters)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # The cron fire this run is for (its scheduled time), None for a trigger.
+    scheduled_for: datetime | None = None
 
     def count(self, **amounts: int) -> None:
         """Add to the run's counters: processed, inserted, updated, deleted, errored.

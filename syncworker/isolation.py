@@ -104,7 +104,7 @@ async def run_in_child(spec: str, ctx: SyncContext, database_url: str) -> None:
 
 
 def _context_line(spec: str, ctx: SyncContext, database_url: str) -> bytes:
-    scheduled = getattr(ctx, "scheduled_for", None)
+    scheduled = ctx.scheduled_for
     doc = {
         "spec": spec,
         "sys_path": sys.path,
@@ -116,7 +116,7 @@ def _context_line(spec: str, ctx: SyncContext, database_url: str) -> bytes:
         "triggered_by": ctx.triggered_by,
         "payload": ctx.payload,
         "attempt": ctx.attempt,
-        "scheduled_for": scheduled.isoformat() if isinstance(scheduled, datetime) else None,
+        "scheduled_for": scheduled.isoformat() if scheduled is not None else None,
     }
     return json.dumps(doc).encode() + b"\n"
 
@@ -348,9 +348,9 @@ def child_main() -> None:
         stopping=_ChildStop(stop, pipe),
         _connect=_connector(doc["database_url"]),
         _run_counters=Counters(),
+        scheduled_for=None if scheduled is None else datetime.fromisoformat(scheduled),
     )
     ctx._pipe = pipe
-    ctx.scheduled_for = None if scheduled is None else datetime.fromisoformat(scheduled)
     try:
         fn = _import(doc["spec"])
         if inspect.iscoroutinefunction(fn):

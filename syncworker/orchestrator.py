@@ -204,6 +204,7 @@ async def _attempt(
                 stopping=StopRequest(env.stopping),
                 _connect=env.step_connect,
                 _run_counters=counters,
+                scheduled_for=run.scheduled_for,
             )
             if position == 0 and run.first_step_id is not None:
                 step_id = run.first_step_id  # the claim wrote this step's start

@@ -178,6 +178,7 @@ steps = [{{ command = {toml(command)} }}]
             "SYNCWORKER_SOURCE": "api",
             "SYNCWORKER_TRIGGERED_BY": "hr-button",
             "SYNCWORKER_ATTEMPT": "1",
+            "SYNCWORKER_SCHEDULED_FOR": "",  # a trigger's run, not a cron fire's
             "SYNCWORKER_PAYLOAD": json.dumps({"k": [1, "é"]}),
         }
     # No shell ever saw the scope.

@@ -135,3 +135,8 @@ def heap(ctx: SyncContext) -> None:
     import gc
 
     ctx.count(processed=gc.get_freeze_count())
+
+
+async def scheduled(ctx: SyncContext) -> None:
+    """Records the cron fire it runs for (ctx.scheduled_for), or 'none'."""
+    await _log(ctx, ctx.scheduled_for.isoformat() if ctx.scheduled_for else "none")
