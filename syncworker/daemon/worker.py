@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any
 
@@ -45,6 +46,9 @@ from syncworker.logs import make_logger
 from syncworker.metrics import Metrics
 from syncworker.orchestrator import RunEnv
 from syncworker.version import VERSION
+
+# A connection lent from one of the pools for the length of an `async with`.
+Lent = AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]
 
 
 class Worker:
@@ -385,12 +389,12 @@ class Worker:
         self._executor.wake()
         self._liveness.changed()
 
-    def _connect(self, timeout: float | None = None) -> Any:
+    def _connect(self, timeout: float | None = None) -> Lent:
         """One of the worker's own connections."""
         assert self._pools is not None
         return self._pools.connect(timeout)
 
-    def _step_connect(self) -> Any:
+    def _step_connect(self) -> Lent:
         """A connection for a step (steppool.py): never one of the worker's own."""
         assert self._pools is not None
         return self._pools.step_connect()
