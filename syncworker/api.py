@@ -8,6 +8,7 @@ caller's own work, like an outbox.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -21,7 +22,8 @@ _ROW = class_row(TriggeredForCaller)
 
 
 class TriggerError(ValueError):
-    """The database refused the trigger: unknown job or scope, disabled job."""
+    """The database refused the trigger: unknown job or scope, disabled job,
+    a negative run_after."""
 
 
 def _calls(
@@ -31,14 +33,23 @@ def _calls(
     source: str,
     triggered_by: str | None,
     payload: Mapping[str, Any] | None,
+    run_after: float | timedelta | None,
 ) -> list[dict[str, Any]]:
     """The parameters of one trigger() call per scope asked for."""
     if scope is not None and scopes is not None:
         raise TypeError("give scope or scopes, not both")
+    delay = timedelta(seconds=run_after) if isinstance(run_after, int | float) else run_after
     chosen = list(dict.fromkeys(scopes)) if scopes is not None else [scope]
     body = Jsonb(dict(payload or {}))
     return [
-        {"job": job, "scope": one, "source": source, "by": triggered_by, "payload": body}
+        {
+            "job": job,
+            "scope": one,
+            "source": source,
+            "by": triggered_by,
+            "payload": body,
+            "run_after": delay,
+        }
         for one in chosen
     ]
 
@@ -52,14 +63,17 @@ async def trigger_sync(
     source: str = "python",
     triggered_by: str | None = None,
     payload: Mapping[str, Any] | None = None,
+    run_after: float | timedelta | None = None,
     schema: str = "syncworker",
 ) -> list[int]:
-    """Request runs of `job` (every scope when none is given); returns run ids."""
+    """Request runs of `job` (every scope when none is given); returns run ids.
+    With `run_after` (seconds or a timedelta) the runs start no sooner than
+    that from now; a pending run joined moves its start to the later time."""
     ids: list[int] = []
     q = for_schema(schema)
     query = q["trigger_for_caller"].composed
     try:
-        for params in _calls(job, scope, scopes, source, triggered_by, payload):
+        for params in _calls(job, scope, scopes, source, triggered_by, payload, run_after):
             async with conn.cursor(row_factory=_ROW) as cur:
                 await cur.execute(query, params)
                 ids.extend(int(row.run_id) for row in await cur.fetchall())
@@ -77,6 +91,7 @@ def trigger_sync_blocking(
     source: str = "python",
     triggered_by: str | None = None,
     payload: Mapping[str, Any] | None = None,
+    run_after: float | timedelta | None = None,
     schema: str = "syncworker",
 ) -> list[int]:
     """The same as trigger_sync, on a blocking psycopg connection."""
@@ -84,7 +99,7 @@ def trigger_sync_blocking(
     q = for_schema(schema)
     query = q["trigger_for_caller"].composed
     try:
-        for params in _calls(job, scope, scopes, source, triggered_by, payload):
+        for params in _calls(job, scope, scopes, source, triggered_by, payload, run_after):
             with conn.cursor(row_factory=_ROW) as cur:
                 cur.execute(query, params)
                 ids.extend(int(row.run_id) for row in cur.fetchall())

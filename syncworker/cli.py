@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import psycopg
@@ -37,6 +37,7 @@ from syncworker.cliutil import (
 from syncworker.config import ConfigError, Settings, config_path, load_config
 from syncworker.db import Store, session
 from syncworker.dberrors import first_line
+from syncworker.durations import DurationError, parse_duration
 from syncworker.exits import EX_SOFTWARE
 from syncworker.logs import forward_library_logs, make_logger
 from syncworker.status import render, to_json
@@ -136,6 +137,14 @@ def trigger(
         str | None,
         typer.Option("--by", help="Recorded as triggered_by (default: the database user)."),
     ] = None,
+    after: Annotated[
+        str | None,
+        typer.Option(
+            "--after",
+            metavar="DURATION",
+            help="Start no sooner than this from now (30s, 5m, 1h); joins move it later.",
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the runs end.")] = False,
     timeout: Annotated[
         float, typer.Option(help="With --wait: give up after this many seconds (exit 2).")
@@ -144,10 +153,15 @@ def trigger(
     config: ConfigOpt = None,
     database_url: DatabaseOpt = None,
 ) -> None:
-    """Request runs of JOB now. With --wait, exit 0 if all succeeded, 1 if not, 2 on timeout."""
+    """Request runs of JOB now (or --after a delay). With --wait, exit 0 if all
+    succeeded, 1 if not, 2 on timeout."""
+    try:
+        delay = None if after is None else parse_duration(after)
+    except DurationError as exc:
+        fail(2, f"--after: {exc}")
     settings = settings_for(config, database_url, required=False)
     code = run_async(
-        lambda: _trigger(settings, job, scope or None, source, by, wait, timeout, as_json)
+        lambda: _trigger(settings, job, scope or None, source, by, delay, wait, timeout, as_json)
     )
     raise typer.Exit(code)
 
@@ -158,6 +172,7 @@ async def _trigger(
     scopes: list[str] | None,
     source: str,
     by: str | None,
+    delay: timedelta | None,
     wait: bool,
     timeout: float,
     as_json: bool,
@@ -169,7 +184,13 @@ async def _trigger(
             await follow.listen(conn, settings.events_channel)
         try:
             ids = await trigger_sync(
-                conn, job, scopes=scopes, source=source, triggered_by=by, schema=settings.schema
+                conn,
+                job,
+                scopes=scopes,
+                source=source,
+                triggered_by=by,
+                run_after=delay,
+                schema=settings.schema,
             )
         except TriggerError as exc:
             fail(1, str(exc))

@@ -30,6 +30,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from syncworker.durations import MAX_DURATION
 from syncworker.schedule import ScheduleError, load_zone, validate_expression
 
 ENV_PREFIX = "SYNCWORKER_"
@@ -105,6 +106,10 @@ class JobConfig(BaseModel):
     retry_backoff: float = Field(default=5, ge=0)
     on_overlap: Literal["queue", "skip"] = "queue"
     misfire: Literal["run_once", "skip"] = "run_once"
+    # Seconds every trigger but a cron fire waits before its run may start;
+    # a trigger that joins the pending run moves its start (trigger() in
+    # db/sql/schema/11_trigger.sql).
+    debounce: float = Field(default=0, ge=0, le=MAX_DURATION.total_seconds())
     enabled: bool = True
     # Where a callable step runs: "thread" (the worker's process: its loop
     # for async functions, a thread for plain ones) or "process" (a child

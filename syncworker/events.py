@@ -9,8 +9,10 @@ together: it makes the database publish each kind and parses it with these.
 - The wake channel (`<schema>_wake`): a job name (a run of it is pending),
   a reservation, `{"reserved_for": <worker id>, "id": <run id>}`, a hold
   that changed, `{"pause": <job>}` (pause(), resume()): workers re-read when
-  the next hold ends, or a cancel, `{"cancel": <run id>}` (cancel()): the
-  run's owner confirms it from cancels and stops the run.
+  the next hold ends, a delayed run, `{"delayed": <job>}` (trigger() with a
+  delay): workers re-read when the soonest delayed run may start, or a
+  cancel, `{"cancel": <run id>}` (cancel()): the run's owner confirms it
+  from cancels and stops the run.
   Nothing else: the channel can be LISTENed to by any role, so it carries
   neither scopes nor payloads. A reservation is only a hint of which run to
   claim (any role may NOTIFY any channel): the claim decides.
@@ -51,6 +53,18 @@ def is_hold_change(payload: str) -> bool:
     except ValueError:
         return False
     return isinstance(data, dict) and isinstance(data.get("pause"), str)
+
+
+def is_delay(payload: str) -> bool:
+    """A wake saying a run now waits for its not_before (trigger() with a
+    delay). A hint: it only makes workers re-read when the next may start."""
+    if not payload.startswith('{"delayed"'):
+        return False
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("delayed"), str)
 
 
 def reserved_run_id(payload: str, worker_id: str) -> int | None:

@@ -70,7 +70,7 @@ def render(status: Mapping[str, Any], now: datetime | None = None) -> str:
                     str(r["id"]),
                     r["job"],
                     r["scope"] or "-",
-                    r["status"],
+                    _run_status(r, now),
                     r["source"],
                     _ago(r["requested_at"], now),
                     f"{r['duration_ms'] / 1000:.1f}s" if r["duration_ms"] is not None else "-",
@@ -89,6 +89,14 @@ def render(status: Mapping[str, Any], now: datetime | None = None) -> str:
         f"running {s.get('running', 0)}  last success {_ago(s.get('last_success_at'), now)}"
     )
     return "\n".join(out)
+
+
+def _run_status(run: Mapping[str, Any], now: datetime) -> str:
+    """A pending run waiting for its not_before (a delayed trigger) says until when."""
+    start = run.get("not_before")
+    if run["status"] == "pending" and start is not None and start > now:
+        return f"pending, starts {_ago(start, now)}"
+    return str(run["status"])
 
 
 def _holds(job: Mapping[str, Any], now: datetime) -> str:

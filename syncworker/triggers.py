@@ -12,12 +12,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from syncworker.durations import MAX_DURATION
+
 # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more; anything larger
 # reaching us came from somewhere else and is refused on principle.
 MAX_PAYLOAD_BYTES = 8000
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
 _TEXT_LIMIT = 200
-_RESERVED = frozenset({"job", "scope", "scopes", "source", "triggered_by"})
+_RESERVED = frozenset({"job", "scope", "scopes", "source", "triggered_by", "run_after"})
+# The longest delay a trigger may ask for, as for pauses (durations.py).
+MAX_RUN_AFTER = MAX_DURATION.total_seconds()
 # Deeper JSON is refused before it reaches code that recurses over it.
 MAX_DEPTH = 100
 
@@ -37,6 +41,8 @@ class TriggerRequest:
     source: str = "notify"
     triggered_by: str | None = None
     payload: Mapping[str, Any] = field(default_factory=dict)
+    # Seconds before the run may start (trigger()'s run_after); None: now.
+    run_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ def request_runs(
     source: str = "notify",
     triggered_by: str | None = None,
     payload: Mapping[str, Any] | None = None,
+    run_after: float | None = None,
 ) -> list[TriggerRequest] | Rejected:
     """Validate a job and its scopes against the configured jobs."""
     info = jobs.get(job)
@@ -103,6 +110,7 @@ def request_runs(
             source=source,
             triggered_by=triggered_by,
             payload=dict(payload or {}),
+            run_after=run_after,
         )
         for scope in chosen
     ]
@@ -138,6 +146,17 @@ def _from_object(
             return Rejected(f"field {key!r} must be a string of at most {_TEXT_LIMIT} characters")
         texts[key] = value
 
+    run_after = doc.get("run_after")
+    if run_after is not None and (
+        isinstance(run_after, bool)
+        or not isinstance(run_after, int | float)
+        or not 0 <= run_after <= MAX_RUN_AFTER
+    ):
+        return Rejected(
+            f"field 'run_after' must be a number of seconds from 0 to {MAX_RUN_AFTER:.0f}"
+        )
+    delay = float(run_after) if run_after else None
+
     payload = {k: v for k, v in doc.items() if k not in _RESERVED}
     source = texts["source"] or "notify"
     if job is None:
@@ -149,13 +168,20 @@ def _from_object(
                 source=source,
                 triggered_by=texts["triggered_by"],
                 payload=payload,
+                run_after=delay,
             )
             for name, info in sorted(jobs.items())
             if info.enabled
             for scope in _all_scopes(info)
         ]
     return request_runs(
-        job, scopes, jobs, source=source, triggered_by=texts["triggered_by"], payload=payload
+        job,
+        scopes,
+        jobs,
+        source=source,
+        triggered_by=texts["triggered_by"],
+        payload=payload,
+        run_after=delay,
     )
 
 

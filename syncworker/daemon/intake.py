@@ -129,7 +129,7 @@ class Intake:
                 nullcontext(session) if session is not None else self._connect() as conn,
                 conn.transaction() if atomic else nullcontext(),
             ):
-                if not atomic:
+                if not atomic and requests[0].run_after is None:
                     runs = await self._enqueue_and_claim(conn, requests[0], lock_timeout, claim)
                 else:
                     runs = await self._enqueue_all(conn, requests, lock_timeout)
@@ -164,6 +164,8 @@ class Intake:
         requests: Sequence[TriggerRequest],
         lock_timeout: str | None,
     ) -> list[dict[str, Any]]:
+        """Plain trigger() calls: several requests, or one with a delay of its
+        own, whose run may not be claimed at once."""
         runs: list[dict[str, Any]] = []
         for req in requests:
             ids = await self._store.trigger(
@@ -173,6 +175,7 @@ class Intake:
                 source=req.source,
                 triggered_by=req.triggered_by,
                 payload=req.payload,
+                run_after=req.run_after,
                 lock_timeout=lock_timeout,
             )
             runs += [

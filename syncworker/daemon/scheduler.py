@@ -1,5 +1,6 @@
 """The scheduler: cron fires, the misfire policy, scopes_sql refreshes, and
-the ends of holds (pause(..., until)): it wakes the executor when one ends.
+the ends of waits (a hold's until, a delayed run's not_before): it wakes the
+executor when one ends.
 
 It sleeps until the soonest next fire (or SCHEDULER_MAX_SLEEP, a safety net
 against wall-clock jumps), or until `reschedule()`. Each fire is claimed in
@@ -30,8 +31,8 @@ MISFIRE_GRACE = 60.0
 # Longest the scheduler sleeps without re-reading the clock: a safety net
 # against wall-clock jumps (suspend, NTP steps); fires still wake it exactly.
 SCHEDULER_MAX_SLEEP = 300.0
-# How long after a hold's end the scheduler wakes to let its runs start.
-HOLD_END_MARGIN = 0.01
+# How long after a wait's end the scheduler wakes to let its runs start.
+RELEASE_MARGIN = 0.01
 
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 
@@ -71,8 +72,9 @@ class Scheduler:
         # The last fire handled per job: its one owner.
         self._fire_cursor: dict[str, datetime | None] = {}
         self._next_fires: dict[str, datetime | None] = {}
-        # When the soonest hold in force ends (pause(..., until)), as last read.
-        self._hold_ends: datetime | None = None
+        # When the soonest wait ends by itself (a hold's until, a delayed
+        # run's not_before), as last read.
+        self._release: datetime | None = None
 
     def reschedule(self) -> None:
         """Pass again now: the jobs or the database changed."""
@@ -122,9 +124,9 @@ class Scheduler:
         return await self.pass_once(self._clock.now())
 
     async def pass_once(self, now: datetime) -> float:
-        """Enqueue every fire due at `now`, and wake the executor when a hold
-        (pause()) ended since the last pass; returns seconds until the next
-        fire or the next end of a hold."""
+        """Enqueue every fire due at `now`, and wake the executor when a wait
+        (a hold of pause(), a delayed run) ended since the last pass; returns
+        seconds until the next fire or the next end of a wait."""
         upcoming: dict[str, datetime | None] = {}
         for name, job in self._catalog.now.jobs.items():
             if not job.enabled or not job.schedule:
@@ -138,21 +140,21 @@ class Scheduler:
             upcoming[name] = schedule.next_fire(job.schedule, zone, now)
         async with self._connect() as conn:
             await self._store.set_next_fire(conn, upcoming)
-            hold_ends = await self._store.next_hold_end(conn)
+            release = await self._store.next_release(conn)
         self._next_fires = upcoming
-        if self._hold_ends is not None and self._hold_ends != hold_ends:
+        if self._release is not None and self._release != release:
             # The end we knew of passed (by our clock or only by the
             # database's, a moment later) or was lifted: the runs it kept
             # waiting may start.
             self._wake()
-        self._hold_ends = hold_ends
+        self._release = release
         if not self._stopping.is_set():
             self._passed()
         soonest = min((t for t in upcoming.values() if t is not None), default=None)
         margin = 0.0
-        if hold_ends is not None and (soonest is None or hold_ends < soonest):
+        if release is not None and (soonest is None or release < soonest):
             # Past the end by the database's clock, where the claims test it.
-            soonest, margin = hold_ends, HOLD_END_MARGIN
+            soonest, margin = release, RELEASE_MARGIN
         if soonest is None:
             return SCHEDULER_MAX_SLEEP
         seconds = (soonest - self._clock.now()).total_seconds() + margin

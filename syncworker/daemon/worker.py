@@ -39,7 +39,7 @@ from syncworker.daemon.slots import Slots
 from syncworker.daemon.startup import Startup
 from syncworker.db import Store
 from syncworker.dbclock import DbClock
-from syncworker.events import cancelled_run_id, is_hold_change, is_reservation
+from syncworker.events import cancelled_run_id, is_delay, is_hold_change, is_reservation
 from syncworker.http import start_http, worker_routes
 from syncworker.lease import Lease, LeaseTiming
 from syncworker.logs import make_logger
@@ -349,6 +349,8 @@ class Worker:
         elif is_hold_change(notify.payload):
             self._scheduler.reschedule()  # when the next hold ends
             self._executor.wake()
+        elif is_delay(notify.payload):
+            self._scheduler.reschedule()  # when the soonest delayed run may start
         elif (cancelled := cancelled_run_id(notify.payload)) is not None:
             self._executor.cancel_requested(cancelled)
         elif is_reservation(notify.payload):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -25,6 +25,7 @@ class EnqueueQueries(StoreBase):
         triggered_by: str | None = None,
         payload: Mapping[str, Any] | None = None,
         scheduled_for: datetime | None = None,
+        run_after: float | None = None,
         lock_timeout: str | None = None,
     ) -> list[tuple[int, bool]]:
         """trigger(); with `lock_timeout`, it raises LockNotAvailable rather
@@ -36,6 +37,7 @@ class EnqueueQueries(StoreBase):
             "by": triggered_by,
             "payload": Jsonb(dict(payload or {})),
             "scheduled_for": scheduled_for,
+            "run_after": None if run_after is None else timedelta(seconds=run_after),
         }
         if lock_timeout is None:
             query = self.q["trigger"]

@@ -1,5 +1,6 @@
-"""Holds made by operators (pause(), resume(): control.py calls them): when
-the next one ends, for the scheduler."""
+"""Holds made by operators (pause(), resume(): control.py calls them), and
+when the next wait ends (a hold's until, a delayed run's not_before), for the
+scheduler."""
 
 from __future__ import annotations
 
@@ -20,6 +21,6 @@ class PauseQueries(StoreBase):
         row = await queries.one(conn, self.q["key_held"], {"job": job, "scope": scope}, Held)
         return row is not None and row.held
 
-    async def next_hold_end(self, conn: psycopg.AsyncConnection[Any]) -> datetime | None:
-        row = await queries.one(conn, self.q["next_hold_end"], None, HoldEnd)
+    async def next_release(self, conn: psycopg.AsyncConnection[Any]) -> datetime | None:
+        row = await queries.one(conn, self.q["next_release"], None, HoldEnd)
         return None if row is None else row.until

@@ -145,6 +145,7 @@ class SchemaQueries(StoreBase):
                         "misfire": job.misfire,
                         "retries": job.retries,
                         "timeout": job.timeout,
+                        "debounce": job.debounce,
                     },
                 )
             await queries.none(conn, self.q["delete_unconfigured_jobs"], {"names": list(jobs)})

@@ -249,7 +249,7 @@ def test_only_a_granted_role_may_pause_and_none_may_write_the_holds(database_url
         made.admin(
             f'GRANT USAGE ON SCHEMA syncworker TO "{app.name}";'
             f" GRANT EXECUTE ON FUNCTION syncworker.trigger(text, text, text, text, jsonb,"
-            f' timestamptz) TO "{app.name}"'
+            f' timestamptz, interval) TO "{app.name}"'
         )
         with psycopg.connect(app.url, autocommit=True) as conn:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):

@@ -41,6 +41,7 @@ MIGRATION_SHA256 = {
     "009_judged_by_own_lease.sql": "2c250ef0e3fa1e88138a8325168ad5c23f3d22bcb537247017d2f36bf180759e",
     "010_pause_and_resume.sql": "0b80eef0637d3188e606011fac8e31ec36a591dd5a8e0542ae74e8c0d35659d3",
     "011_cancel.sql": "a09ebf6b2b0aace8600156e5d6c25c49359f06a876fd3d7914caaf53362f2a4b",
+    "012_delayed_triggers.sql": "1a6e1ceb92a2c978b5b2aaf43ad8d72b180a39513439e366dff553288f64bb3f",
 }
 
 # ACLs as (grantee, privilege, grantable), a NULL ACL as the default it stands

@@ -61,6 +61,8 @@ def test_the_marked_blocks_are_all_run_here() -> None:
         "pm2",
         "operate-sql",
         "operate-cli",
+        "delay-sql",
+        "delay-cli",
     }
     assert set(BLOCKS) == ran
 
@@ -341,6 +343,37 @@ def test_the_operating_cli(orders_config: Path, database_url: str) -> None:
     assert "paused orders/tenant-42 until " in done.stdout
     assert re.search(r"by \S+ \(vendor API down\); tenant-42: by \S+, until ", done.stdout)
     assert done.stdout.rstrip().endswith("resumed orders/tenant-42\nresumed orders")
+
+
+def test_the_delay_sql(orders_config, database_url: str) -> None:  # type: ignore[no-untyped-def]
+    done = psql(database_url, block("delay-sql"))
+    assert done.returncode == 0, done.stderr
+
+    # Both triggers asked for 30 s: one run per scope, each waiting about that
+    # long (the NOTIFY joins once the worker has heard it).
+    def waits() -> list[tuple[str, int, float]]:
+        return query(
+            database_url,
+            "SELECT scope, triggers, extract(epoch FROM not_before - now()) FROM syncworker.runs"
+            " WHERE status = 'pending' ORDER BY scope",
+        )
+
+    wait_until(
+        lambda: [(s, n) for s, n, _ in waits()] == [("tenant-42", 2), ("tenant-7", 2)],
+        what="the NOTIFY to join both runs",
+    )
+    assert all(25 < float(w) <= 30 for _, _, w in waits()), waits()
+
+
+def test_the_delay_cli(orders_config: Path, database_url: str) -> None:
+    env = user_env(SYNCWORKER_CONFIG=str(orders_config))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    done = bash(block("delay-cli"), REPO, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert query(
+        database_url,
+        "SELECT count(*) FROM syncworker.runs WHERE status = 'pending' AND not_before > now()",
+    ) == [(2,)]
 
 
 def test_the_node_sample_with_real_pg(pfa_worker, database_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

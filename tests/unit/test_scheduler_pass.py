@@ -34,7 +34,7 @@ class FakeStore:
     async def set_next_fire(self, conn: Any, upcoming: dict[str, datetime | None]) -> None:
         self.next_fire = dict(upcoming)
 
-    async def next_hold_end(self, conn: Any) -> datetime | None:
+    async def next_release(self, conn: Any) -> datetime | None:
         return self.hold_end
 
 

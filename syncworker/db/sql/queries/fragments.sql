@@ -60,4 +60,4 @@ id, job, scope, status, source, triggered_by,
 -- The columns of runs after payload.
 scheduled_for, requested_at, started_at, finished_at, duration_ms, attempt, max_attempts,
 triggers, worker_id, current_step, records_total, records_processed, records_inserted,
-records_updated, records_deleted, records_errored, error
+records_updated, records_deleted, records_errored, error, not_before

@@ -9,9 +9,14 @@ FROM {s}.pause(%(job)s, %(scope)s, %(until)s, %(reason)s, %(by)s) AS p;
 -- Lift a job's or a scope's hold; whether one in force was lifted.
 SELECT {s}.resume(%(job)s, %(scope)s, %(by)s) AS lifted;
 
--- name: next_hold_end :one
--- When the soonest hold in force ends by itself: the scheduler wakes then, so its runs start.
-SELECT min(until) AS until FROM {s}.pauses WHERE until > now();
+-- name: next_release :one
+-- When the soonest wait ends by itself, a hold's until or a delayed run's not_before: the scheduler wakes then, so the runs start.
+-- runs_delayed makes the second a look at one index entry.
+SELECT least(
+    (SELECT min(until) FROM {s}.pauses WHERE until > now()),
+    (SELECT min(not_before) FROM {s}.runs
+     WHERE status = 'pending' AND not_before IS NOT NULL AND not_before > now())
+) AS until;
 
 -- name: key_held :one
 -- Whether a hold in force covers a job's key now: a run about to retry waits as pending instead.

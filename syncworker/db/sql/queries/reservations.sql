@@ -7,15 +7,17 @@
 -- statement alone decides, from the row, whether the run is ours (reserved for
 -- us, still pending, a job we run), and returns the row the step starts from,
 -- with the same writes as claim_next. A reservation of a job we no longer run
--- (a reload since it was made), or of a key paused since (05_pauses.sql), is
--- given back in the same statement.
+-- (a reload since it was made), of a key paused since (05_pauses.sql), or
+-- delayed since by a trigger that joined it (not_before), is given back in
+-- the same statement.
 -- include: lock_budget
 , target AS MATERIALIZED (
     -- Joined with budget: its lock_timeout is set before the row is locked.
     SELECT r.id, r.job = ANY(%(jobs)s) AND NOT EXISTS (
                SELECT 1 FROM {s}.pauses h
                WHERE h.job = r.job AND (h.scope IS NULL OR h.scope = r.scope)
-                 AND (h.until IS NULL OR h.until > now())) AS ours
+                 AND (h.until IS NULL OR h.until > now()))
+           AND (r.not_before IS NULL OR r.not_before <= now()) AS ours
     FROM {s}.runs r, budget
     WHERE r.id = %(id)s AND r.status = 'pending' AND r.reserved_for = %(worker)s
     FOR UPDATE OF r

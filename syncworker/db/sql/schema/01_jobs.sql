@@ -1,4 +1,4 @@
--- jobs: the config's jobs, as `migrate` and `run` register them (001).
+-- jobs: the config's jobs, as `migrate` and `run` register them (001; debounce from 012).
 --
 -- trigger() validates every request against this table, not against any
 -- worker's config, so the SQL function, the CLI and every instance agree on
@@ -20,5 +20,7 @@ CREATE TABLE __SCHEMA__.jobs (
     -- across instances, and what a starting worker compares to find misfires.
     last_fire_at  timestamptz,
     next_fire_at  timestamptz,
-    updated_at    timestamptz NOT NULL DEFAULT now()
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    -- Seconds every trigger of the job but a cron fire waits (012).
+    debounce      double precision NOT NULL DEFAULT 0 CHECK (debounce >= 0)
 );

@@ -1,5 +1,6 @@
 -- runs and run_steps: one row per run of a key (job, scope), one per step of
--- each attempt (001; reserved_for and two indexes from 005).
+-- each attempt (001; reserved_for and two indexes from 005, not_before from
+-- 012).
 --
 -- The per-key guarantees live in the partial unique indexes: at most one
 -- pending and one running run per key, one run per cron fire, for every
@@ -37,7 +38,8 @@ CREATE TABLE __SCHEMA__.runs (
     records_deleted   bigint NOT NULL DEFAULT 0,
     records_errored   bigint NOT NULL DEFAULT 0,
     error             text,
-    reserved_for      text
+    reserved_for      text,
+    not_before        timestamptz  -- the earliest start (012): a delayed trigger
 );
 
 CREATE UNIQUE INDEX runs_one_pending_per_key
@@ -52,6 +54,9 @@ CREATE INDEX runs_active ON __SCHEMA__.runs (id) WHERE status IN ('pending', 'ru
 CREATE INDEX runs_by_job ON __SCHEMA__.runs (job, scope, id DESC);
 CREATE INDEX runs_reserved ON __SCHEMA__.runs (reserved_for) WHERE reserved_for IS NOT NULL;
 CREATE INDEX runs_running_by_worker ON __SCHEMA__.runs (worker_id) WHERE status = 'running';
+-- The soonest delayed run's start (next_release in db/sql/queries/pauses.sql).
+CREATE INDEX runs_delayed ON __SCHEMA__.runs (not_before)
+    WHERE status = 'pending' AND not_before IS NOT NULL;
 
 CREATE TABLE __SCHEMA__.run_steps (
     id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -1,8 +1,10 @@
--- claimable(jobs): the run a claim takes, picked and locked (004, 005, 010).
+-- claimable(jobs): the run a claim takes, picked and locked (004, 005, 010,
+-- 012).
 --
 -- The oldest pending run of one of `jobs` whose key is not running and that
--- is reserved for no worker nor held by a pause in force (05_pauses.sql),
--- FOR UPDATE SKIP LOCKED; the claim statement
+-- is reserved for no worker nor held by a pause in force (05_pauses.sql)
+-- nor delayed past now (not_before, a delayed trigger), FOR UPDATE SKIP
+-- LOCKED; the claim statement
 -- (claim_next in db/sql/queries/runs.sql) updates it in the same
 -- transaction. With sorting switched off for this one query the plan left is
 -- the walk up runs_active in id order that stops at the first run that fits:
@@ -19,6 +21,7 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT p.id FROM __SCHEMA__.runs p
     WHERE p.status = 'pending' AND p.job = ANY(jobs) AND p.reserved_for IS NULL
+      AND (p.not_before IS NULL OR p.not_before <= now())
       AND NOT EXISTS (
           SELECT 1 FROM __SCHEMA__.runs x
           WHERE x.status = 'running' AND x.job = p.job

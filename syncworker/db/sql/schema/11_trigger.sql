@@ -1,7 +1,7 @@
--- trigger(job, scope, source, triggered_by, payload, scheduled_for): the one
--- way runs are requested (001; reservations from 005, one write per trigger
--- from 006, a two-field wake from 007, each worker's own lease from 009,
--- pauses from 010).
+-- trigger(job, scope, source, triggered_by, payload, scheduled_for,
+-- run_after): the one way runs are requested (001; reservations from 005,
+-- one write per trigger from 006, a two-field wake from 007, each worker's
+-- own lease from 009, pauses from 010, delays from 012).
 --
 -- The CLI, the Python API, the worker's cron fires and NOTIFY triggers all
 -- come through here, so validation and coalescing live in one place: an
@@ -24,6 +24,14 @@
 -- cron fire of a held key (scheduled_for set: only the worker may) makes no
 -- run: fires while paused are not caught up.
 --
+-- A delay, the greater of run_after and the job's debounce (debounce: not
+-- for a cron fire), sets the run's not_before to now() + the delay; a
+-- trigger that joins a pending run moves its not_before to the later of the
+-- two, so a storm of triggers gives one run, the delay after the last. A
+-- delayed run is reserved for no worker (a join takes a reservation back),
+-- and the wake says `{"delayed": job}`: workers re-read when the soonest
+-- delayed run may start (next_release in db/sql/queries/pauses.sql).
+--
 -- SECURITY DEFINER: an app role that may only EXECUTE it requests runs
 -- without write access to the tables; EXECUTE is revoked from PUBLIC (002)
 -- and granted per role (README "Least-privilege roles"). A new signature is
@@ -35,7 +43,8 @@ CREATE FUNCTION __SCHEMA__.trigger(
     source        text DEFAULT 'sql',
     triggered_by  text DEFAULT current_user,
     payload       jsonb DEFAULT '{}',
-    scheduled_for timestamptz DEFAULT NULL
+    scheduled_for timestamptz DEFAULT NULL,
+    run_after     interval DEFAULT NULL
 ) RETURNS TABLE (run_id bigint, created boolean)
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -49,6 +58,11 @@ DECLARE
     reservable boolean;
     candidate  record;
     taker      text;
+    delay      interval;
+    start_at   timestamptz;
+    waits      boolean;
+    delayed    boolean := false;  -- a run made or joined waits for its not_before
+    ready      boolean := false;  -- and one may start now
 BEGIN
     IF trigger.job IS NULL THEN
         RAISE EXCEPTION 'syncworker: job must not be NULL' USING ERRCODE = '22004';
@@ -65,6 +79,17 @@ BEGIN
     END IF;
     IF trigger.payload IS NULL OR jsonb_typeof(trigger.payload) <> 'object' THEN
         RAISE EXCEPTION 'syncworker: payload must be a JSON object' USING ERRCODE = '22023';
+    END IF;
+    IF trigger.run_after < interval '0' THEN
+        RAISE EXCEPTION 'syncworker: run_after must not be negative, got %', trigger.run_after
+            USING ERRCODE = '22023';
+    END IF;
+    delay := greatest(
+        trigger.run_after,
+        CASE WHEN trigger.scheduled_for IS NULL AND j.debounce > 0
+             THEN make_interval(secs => j.debounce) END);
+    IF delay > interval '0' THEN
+        start_at := now() + delay;
     END IF;
 
     IF j.scopes IS NULL THEN
@@ -84,6 +109,7 @@ BEGIN
     END IF;
 
     reservable := cardinality(scope_list) = 1 AND trigger.payload = '{}'::jsonb
+        AND start_at IS NULL
         AND current_setting('transaction_isolation') = 'read committed';
 
     FOREACH one_scope IN ARRAY scope_list LOOP
@@ -163,14 +189,20 @@ BEGIN
 
         INSERT INTO __SCHEMA__.runs AS r
             (job, scope, status, source, triggered_by, payload, scheduled_for, max_attempts,
-             reserved_for)
+             reserved_for, not_before)
         VALUES (j.name, one_scope, 'pending', trigger.source, trigger.triggered_by,
-                trigger.payload, trigger.scheduled_for, j.retries + 1, taker)
+                trigger.payload, trigger.scheduled_for, j.retries + 1, taker, start_at)
         ON CONFLICT (job, (coalesce(scope, ''))) WHERE status = 'pending'
         DO UPDATE SET triggers = r.triggers + 1,
-                      scheduled_for = coalesce(r.scheduled_for, excluded.scheduled_for)
-        RETURNING r.id, (r.xmax = 0) INTO run_id, created;
+                      scheduled_for = coalesce(r.scheduled_for, excluded.scheduled_for),
+                      not_before = greatest(r.not_before, excluded.not_before),
+                      reserved_for = CASE WHEN excluded.not_before IS NULL
+                                          THEN r.reserved_for END
+        RETURNING r.id, (r.xmax = 0), coalesce(r.not_before > now(), false)
+            INTO run_id, created, waits;
         RETURN NEXT;
+        delayed := delayed OR waits;
+        ready := ready OR NOT waits;
 
         IF taker IS NOT NULL AND created THEN
             -- A new run: its fields are the ones just inserted.
@@ -183,8 +215,14 @@ BEGIN
     END LOOP;
 
     -- Delivered at commit: workers wake only once the runs are visible.
-    PERFORM pg_notify(__WAKE__, j.name);
+    IF delayed THEN
+        PERFORM pg_notify(__WAKE__, json_build_object('delayed', j.name)::text);
+    END IF;
+    IF ready OR NOT delayed THEN
+        PERFORM pg_notify(__WAKE__, j.name);
+    END IF;
 END
 $fn$;
 
-REVOKE EXECUTE ON FUNCTION __SCHEMA__.trigger(text, text, text, text, jsonb, timestamptz) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION __SCHEMA__.trigger(text, text, text, text, jsonb, timestamptz, interval)
+    FROM PUBLIC;

@@ -1,15 +1,19 @@
 -- trigger_and_claim(me, first_step, events, job, scope, source,
--- triggered_by, payload): trigger() for a worker that heard the NOTIFY (005, 006, 010).
+-- triggered_by, payload): trigger() for a worker that heard the NOTIFY (005,
+-- 006, 010, 012).
 --
 -- When the calling worker has a free slot (first_step given) and trigger()
--- would create a run (an enabled job, a scope it names or none for a job
--- without scopes, a JSON object, nothing of the key pending, the key not
--- held by a pause in force), the run is
+-- would create a run that may start now (an enabled job without a
+-- debounce, a scope it names or none for a job without scopes, a JSON
+-- object, nothing of the key pending, the key not held by a pause in
+-- force), the run is
 -- inserted already `running` for it, with its first step's row and its
 -- run_started event, under the key's transaction lock: the worker starts the
 -- step on this call's answer, one round trip after the NOTIFY. Anything
 -- else, errors included, is trigger()'s. step_id and max_attempts are set
--- only for the run claimed here. Only the worker calls it.
+-- only for the run claimed here. A request with a delay of its own
+-- (run_after) is trigger()'s alone: the worker calls that. Only the worker
+-- calls it.
 
 CREATE FUNCTION __SCHEMA__.trigger_and_claim(
     me           text,
@@ -47,7 +51,7 @@ BEGIN
                trigger_and_claim.triggered_by, trigger_and_claim.payload, j.retries + 1,
                1, clock_timestamp(), me, first_step
         FROM __SCHEMA__.jobs j
-        WHERE j.name = trigger_and_claim.job AND j.enabled
+        WHERE j.name = trigger_and_claim.job AND j.enabled AND j.debounce = 0
           AND CASE WHEN j.scopes IS NULL THEN trigger_and_claim.scope IS NULL
                    ELSE trigger_and_claim.scope = ANY (j.scopes) END
           AND NOT EXISTS (
