@@ -1,5 +1,5 @@
-"""The operators' commands: `pause`, `resume` and `cancel` (control.py does
-the work)."""
+"""The operators' commands: `pause`, `resume`, `cancel` (control.py does the
+work) and `backfill` (backfill.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from syncworker.backfill import Backfill, backfill
 from syncworker.cliutil import (
     ConfigOpt,
     DatabaseOpt,
@@ -152,7 +153,85 @@ def cancel_command(
         typer.echo(f"run {run_id} had ended ({status}): nothing changed")
 
 
+def backfill_command(
+    job: Annotated[str, typer.Argument(help="The job whose fires to backfill.")],
+    from_: Annotated[
+        str,
+        typer.Option(
+            "--from", help="The window's start, included (ISO 8601; local unless an offset)."
+        ),
+    ],
+    to: Annotated[
+        str,
+        typer.Option("--to", help="The window's end, included (later than now: now)."),
+    ],
+    scope: ScopeOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Queue a window of more fires than misfire_limit.")
+    ] = False,
+    by: Annotated[
+        str | None,
+        typer.Option("--by", help="Recorded as who backfilled (default: the database user)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was queued as JSON.")] = False,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Queue one run per fire of JOB's schedule from --from to --to that has
+    no run yet (every scope, or --scope); they run oldest first, one at a
+    time per key."""
+    try:
+        start, end = parse_time(from_), parse_time(to)
+    except DurationError as exc:
+        fail(2, str(exc))
+    if start > end:
+        fail(2, f"--from {from_} is after --to {to}")
+    settings = settings_for(config, database_url, required=False)
+
+    async def go() -> Backfill:
+        conn = await connect(settings)
+        async with conn:
+            try:
+                return await backfill(
+                    conn, job, start, end, scope=scope, force=force, by=by, schema=settings.schema
+                )
+            except ControlError as exc:
+                fail(1, str(exc))
+
+    done = run_async(go)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "job": done.job,
+                    "fires": [f.isoformat() for f in done.fires],
+                    "queued": [
+                        {
+                            "run_id": r.run_id,
+                            "scope": r.scope,
+                            "scheduled_for": r.scheduled_for.isoformat(),
+                        }
+                        for r in done.queued
+                    ],
+                    "already_ran": done.already_ran,
+                }
+            )
+        )
+        return
+    if not done.fires:
+        typer.echo(f"no fires of {job} from {start.isoformat()} to {end.isoformat()}")
+        return
+    typer.echo(
+        f"queued {len(done.queued)} runs of {job} for {len(done.fires)} fires"
+        f" ({done.already_ran} had a run already)"
+    )
+    for r in done.queued:
+        key = f"{job}/{r.scope}" if r.scope else job
+        typer.echo(f"  run {r.run_id}  {key}  {r.scheduled_for.astimezone(UTC).isoformat()}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("pause")(pause_command)
     app.command("resume")(resume_command)
     app.command("cancel")(cancel_command)
+    app.command("backfill")(backfill_command)

@@ -105,7 +105,10 @@ class JobConfig(BaseModel):
     retries: int = Field(default=0, ge=0, le=100)
     retry_backoff: float = Field(default=5, ge=0)
     on_overlap: Literal["queue", "skip"] = "queue"
-    misfire: Literal["run_once", "skip"] = "run_once"
+    misfire: Literal["run_once", "skip", "all"] = "run_once"
+    # misfire = "all" queues at most this many missed fires, the latest;
+    # `syncworker backfill` refuses a window of more without --force.
+    misfire_limit: int = Field(default=100, ge=1, le=10000)
     # Seconds every trigger but a cron fire waits before its run may start;
     # a trigger that joins the pending run moves its start (trigger() in
     # db/sql/schema/11_trigger.sql).

@@ -61,7 +61,7 @@ async def pause(
     """Hold `job` (or one `scope` of it) on every worker until resume() or
     `until`; returns the hold as written."""
     query, params = _pause(schema, job, scope, until, reason, by)
-    with _refused():
+    with refused():
         row = await queries.one(conn, query, params, Hold)
     assert row is not None  # pause() returns its row or raises
     return row
@@ -77,7 +77,7 @@ async def resume(
 ) -> bool:
     """Lift the hold of `job` (or of one `scope`); whether one was in force."""
     query, params = _resume(schema, job, scope, by)
-    with _refused():
+    with refused():
         row = await queries.one(conn, query, params, Lifted)
     return row is not None and row.lifted
 
@@ -94,7 +94,7 @@ def pause_blocking(
 ) -> Hold:
     """pause(), on a blocking psycopg connection."""
     query, params = _pause(schema, job, scope, until, reason, by)
-    with _refused(), conn.cursor(row_factory=class_row(Hold)) as cur:
+    with refused(), conn.cursor(row_factory=class_row(Hold)) as cur:
         row = cur.execute(query.composed, params).fetchone()
     assert row is not None
     return row
@@ -110,7 +110,7 @@ def resume_blocking(
 ) -> bool:
     """resume(), on a blocking psycopg connection."""
     query, params = _resume(schema, job, scope, by)
-    with _refused(), conn.cursor(row_factory=class_row(Lifted)) as cur:
+    with refused(), conn.cursor(row_factory=class_row(Lifted)) as cur:
         row = cur.execute(query.composed, params).fetchone()
     return row is not None and row.lifted
 
@@ -131,14 +131,14 @@ async def cancel(
     worker's events_channel, where a pending run's run_cancelled goes."""
     params = {"id": run_id, "reason": reason, "by": by, "events": events}
     q = queries.for_schema(schema)
-    with _refused():
+    with refused():
         row = await queries.one(conn, q["cancel"], params, CancelStatus)
     assert row is not None
     return row.status
 
 
 @contextlib.contextmanager
-def _refused() -> Iterator[None]:
+def refused() -> Iterator[None]:
     """The database's refusal (22023) as a ControlError naming what was wrong."""
     try:
         yield

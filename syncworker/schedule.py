@@ -1,4 +1,5 @@
-"""Cron maths: when a job fires next, and which fire is due now.
+"""Cron maths: when a job fires next, which fire is due now, and the fires of
+a window (misfire = "all", backfill).
 
 Pure functions over croniter; every datetime in and out is timezone-aware.
 Expressions are evaluated in the job's own time zone, so "0 2 * * *" means
@@ -8,8 +9,9 @@ Expressions are evaluated in the job's own time zone, so "0 2 * * *" means
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from itertools import islice, takewhile
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -65,12 +67,47 @@ def latest_fire(exprs: Sequence[str], tz: ZoneInfo, at_or_before: datetime) -> d
 
 def upcoming(exprs: Sequence[str], tz: ZoneInfo, after: datetime, count: int) -> list[datetime]:
     """The next `count` fires after `after`, for `check` and `status`."""
-    fires: list[datetime] = []
+    return list(islice(_fires_after(exprs, tz, after), count))
+
+
+def _fires_after(exprs: Sequence[str], tz: ZoneInfo, after: datetime) -> Iterator[datetime]:
     cursor = after
-    for _ in range(count):
-        fire = next_fire(exprs, tz, cursor)
-        if fire is None:
-            break
-        fires.append(fire)
+    while (fire := next_fire(exprs, tz, cursor)) is not None:
+        yield fire
         cursor = fire
-    return fires
+
+
+def fires_between(
+    exprs: Sequence[str], tz: ZoneInfo, after: datetime, until: datetime, limit: int
+) -> list[datetime]:
+    """The fires strictly after `after` and at or before `until`, oldest
+    first, in UTC; at most `limit` + 1 of them, so a caller can tell a
+    window of more than `limit` without walking all of it."""
+    inside = takewhile(lambda fire: fire <= until, _fires_after(exprs, tz, after))
+    return list(islice(inside, limit + 1))
+
+
+def latest_fires(
+    exprs: Sequence[str], tz: ZoneInfo, after: datetime, at_or_before: datetime, count: int
+) -> tuple[list[datetime], bool]:
+    """The latest `count` fires strictly after `after` and at or before
+    `at_or_before`, oldest first, in UTC, and whether there were more.
+    Walks back from the end, so a long outage costs `count` steps, not one
+    per fire missed."""
+    found: set[datetime] = set()
+    more = False
+    local = (at_or_before + _TICK).astimezone(tz)
+    for expr in exprs:
+        walk = croniter(expr, local)
+        for taken in range(count + 1):
+            fire = walk.get_prev(datetime).astimezone(UTC)
+            if fire <= after:
+                break
+            if taken == count:
+                more = True
+                break
+            found.add(fire)
+    fires = sorted(found)
+    if len(fires) > count:
+        fires, more = fires[-count:], True
+    return fires, more

@@ -146,6 +146,9 @@ def _from_object(
             return Rejected(f"field {key!r} must be a string of at most {_TEXT_LIMIT} characters")
         texts[key] = value
 
+    if texts["source"] == "backfill":
+        # trigger() refuses it too: backfill runs queue apart, one per fire.
+        return Rejected("source 'backfill' is reserved for backfill()")
     run_after = doc.get("run_after")
     if run_after is not None and (
         isinstance(run_after, bool)

@@ -1,6 +1,6 @@
-"""The scheduler: cron fires, the misfire policy, scopes_sql refreshes, and
-the ends of waits (a hold's until, a delayed run's not_before): it wakes the
-executor when one ends.
+"""The scheduler: cron fires, the misfire policy (misfire = "all": a backfill
+run per missed fire), scopes_sql refreshes, and the ends of waits (a hold's
+until, a delayed run's not_before): it wakes the executor when one ends.
 
 It sleeps until the soonest next fire (or SCHEDULER_MAX_SLEEP, a safety net
 against wall-clock jumps), or until `reschedule()`. Each fire is claimed in
@@ -135,7 +135,7 @@ class Scheduler:
             due = schedule.latest_fire(job.schedule, zone, now)
             last = self._fire_cursor.get(name)
             if due is not None and (last is None or due > last):
-                await self._fire(name, job, due, now, baseline=last is None)
+                await self._fire(name, job, due, now, last)
                 self._fire_cursor[name] = due
             upcoming[name] = schedule.next_fire(job.schedule, zone, now)
         async with self._connect() as conn:
@@ -161,14 +161,24 @@ class Scheduler:
         return min(max(seconds, 0.0), SCHEDULER_MAX_SLEEP)
 
     async def _fire(
-        self, name: str, job: JobConfig, due: datetime, now: datetime, *, baseline: bool
+        self, name: str, job: JobConfig, due: datetime, now: datetime, last: datetime | None
     ) -> None:
         late = (now - due).total_seconds()
         # With no baseline the job has never been seen firing: start counting now.
+        baseline = last is None
         run = not baseline and not (job.misfire == "skip" and late > MISFIRE_GRACE)
+        missed: list[datetime] = []
+        capped = False
+        if run and last is not None and job.misfire == "all":
+            missed, capped = schedule.latest_fires(
+                job.schedule, job.zone, last, due, job.misfire_limit
+            )
         async with self._connect() as conn:
             if run and job.scopes_sql:
                 await self._refresh_scopes(conn, name, job)
+            if len(missed) > 1:
+                await self._backfill_missed(conn, name, missed, capped)
+                return
             try:
                 result = await self._store.enqueue_fire(conn, name, due, run=run)
             except (psycopg.errors.UniqueViolation, psycopg.errors.InvalidParameterValue) as exc:
@@ -192,6 +202,38 @@ class Scheduler:
             self._wake()
         elif not baseline:
             self._log.info("misfire_skipped", job=name, scheduled_for=due.isoformat())
+
+    async def _backfill_missed(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        name: str,
+        fires: list[datetime],
+        capped: bool,
+    ) -> None:
+        """misfire = "all": one backfill run per missed fire (the latest
+        misfire_limit of them), claimed with the latest fire in one
+        statement, so one instance alone queues them."""
+        try:
+            runs = await self._store.enqueue_missed_fires(conn, name, fires)
+        except psycopg.errors.InvalidParameterValue as exc:
+            self._log.warning(
+                "cron_fire_refused", job=name, scheduled_for=fires[-1], error=str(exc)
+            )
+            return
+        if runs is None:
+            self._log.debug("cron_fire_taken", job=name, scheduled_for=fires[-1])
+            return
+        self._log.info(
+            "misfire_backfilled",
+            job=name,
+            fires=len(fires),
+            first=fires[0].isoformat(),
+            last=fires[-1].isoformat(),
+            capped=capped,
+            runs=runs,
+        )
+        if runs:
+            self._wake()
 
     async def _refresh_scopes(
         self, conn: psycopg.AsyncConnection[Any], name: str, job: JobConfig

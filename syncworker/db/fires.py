@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -47,6 +47,25 @@ class FireQueries(StoreBase):
         if not rows:
             return None
         return [(int(r.run_id), bool(r.created)) for r in rows if r.run_id is not None]
+
+    async def enqueue_missed_fires(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        job: str,
+        fires: Sequence[datetime],
+    ) -> list[int] | None:
+        """misfire = "all": claim the latest of `fires` (oldest first) and
+        queue a backfill run per fire, as one statement; the runs queued, or
+        None when another instance claimed the fire already."""
+        rows = await queries.many(
+            conn,
+            self.q["enqueue_missed_fires"],
+            {"fire": fires[-1], "job": job, "fires": list(fires)},
+            EnqueuedFire,
+        )
+        if not rows:
+            return None
+        return [int(r.run_id) for r in rows if r.run_id is not None]
 
     async def set_next_fire(
         self, conn: psycopg.AsyncConnection[Any], fires: Mapping[str, datetime | None]

@@ -246,3 +246,24 @@ class CancelStatus:
 @dataclass(frozen=True)
 class Held:
     held: bool
+
+
+@dataclass(frozen=True)
+class BackfillJob:
+    """backfill_job: what a backfill's fires are computed from."""
+
+    name: str
+    enabled: bool
+    schedule: list[str]
+    timezone: str
+    scopes: list[str] | None
+    misfire_limit: int
+
+
+@dataclass(frozen=True)
+class Backfilled:
+    """backfill: one run queued for one fire."""
+
+    run_id: int
+    scope: str | None
+    scheduled_for: datetime

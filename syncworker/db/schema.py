@@ -146,6 +146,7 @@ class SchemaQueries(StoreBase):
                         "retries": job.retries,
                         "timeout": job.timeout,
                         "debounce": job.debounce,
+                        "misfire_limit": job.misfire_limit,
                     },
                 )
             await queries.none(conn, self.q["delete_unconfigured_jobs"], {"names": list(jobs)})

@@ -42,6 +42,7 @@ MIGRATION_SHA256 = {
     "010_pause_and_resume.sql": "0b80eef0637d3188e606011fac8e31ec36a591dd5a8e0542ae74e8c0d35659d3",
     "011_cancel.sql": "a09ebf6b2b0aace8600156e5d6c25c49359f06a876fd3d7914caaf53362f2a4b",
     "012_delayed_triggers.sql": "1a6e1ceb92a2c978b5b2aaf43ad8d72b180a39513439e366dff553288f64bb3f",
+    "013_backfill.sql": "88f87342237e91b6f4d4a176b1cb140eaba0bf227588237a1d46a99d25b75b3d",
 }
 
 # ACLs as (grantee, privilege, grantable), a NULL ACL as the default it stands

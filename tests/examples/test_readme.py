@@ -14,6 +14,7 @@ does not have; tests/daemon/test_systemd.py checks the units with systemd-analyz
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -63,6 +64,7 @@ def test_the_marked_blocks_are_all_run_here() -> None:
         "operate-cli",
         "delay-sql",
         "delay-cli",
+        "backfill-cli",
     }
     assert set(BLOCKS) == ran
 
@@ -374,6 +376,27 @@ def test_the_delay_cli(orders_config: Path, database_url: str) -> None:
         database_url,
         "SELECT count(*) FROM syncworker.runs WHERE status = 'pending' AND not_before > now()",
     ) == [(2,)]
+
+
+NIGHTLY = """
+[jobs.nightly]
+schedule = "0 2 * * *"
+steps = ["sw_testjobs:record"]
+"""
+
+
+def test_the_backfill_cli(database_url: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "nightly.toml", database_url, NIGHTLY)
+    env = user_env(SYNCWORKER_CONFIG=str(config))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    assert bash("syncworker migrate", REPO, env).returncode == 0
+    done = bash(block("backfill-cli"), REPO, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    first, second = lines[0], lines[-1]
+    assert first == "queued 2 runs of nightly for 2 fires (0 had a run already)"
+    assert re.fullmatch(r"\s+run \d+  nightly  2026-12-01T02:00:00\+00:00", lines[1])
+    assert json.loads(second)["already_ran"] == 2  # the second line queued nothing
 
 
 def test_the_node_sample_with_real_pg(pfa_worker, database_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

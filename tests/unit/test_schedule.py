@@ -15,7 +15,9 @@ from croniter import croniter
 
 from syncworker.schedule import (
     ScheduleError,
+    fires_between,
     latest_fire,
+    latest_fires,
     load_zone,
     next_fire,
     upcoming,
@@ -351,3 +353,27 @@ def test_upcoming_merges_a_list_without_duplicates() -> None:
 
 def test_upcoming_zero_count() -> None:
     assert upcoming(["* * * * *"], UTC_ZONE, utc(2026, 1, 1), 0) == []
+
+
+def test_fires_between_takes_both_ends_and_stops_past_the_limit() -> None:
+    start = utc(2026, 12, 1, 0, 0)
+    window = fires_between(
+        ["*/10 * * * *"], UTC_ZONE, start - timedelta(microseconds=1), utc(2026, 12, 1, 0, 50), 100
+    )
+    assert window == [utc(2026, 12, 1, 0, m) for m in range(0, 60, 10)]
+    # One more than the limit, never the whole window.
+    assert len(fires_between(["* * * * * *"], UTC_ZONE, start, start + timedelta(days=30), 5)) == 6
+
+
+def test_latest_fires_walks_back_from_the_end_and_says_when_it_capped() -> None:
+    after, end = utc(2026, 12, 1, 0, 0), utc(2026, 12, 1, 0, 10)
+    fires, more = latest_fires(["* * * * *"], UTC_ZONE, after, end, 100)
+    assert fires == [utc(2026, 12, 1, 0, m) for m in range(1, 11)] and more is False
+    fires, more = latest_fires(["* * * * *"], UTC_ZONE, after, end, 3)
+    assert fires == [utc(2026, 12, 1, 0, m) for m in (8, 9, 10)] and more is True
+    # A month of per-second fires missed: as quick as three.
+    fires, more = latest_fires(["* * * * * *"], UTC_ZONE, after - timedelta(days=30), end, 3)
+    assert len(fires) == 3 and more is True
+    # Several expressions merge, each fire once.
+    fires, _ = latest_fires(["*/5 * * * *", "*/2 * * * *"], UTC_ZONE, after, end, 100)
+    assert fires == [utc(2026, 12, 1, 0, m) for m in (2, 4, 5, 6, 8, 10)]

@@ -284,3 +284,35 @@ def test_rejection_reason_shortens_a_long_unknown_name() -> None:
     assert "unknown job" in result.reason
     assert name not in result.reason
     assert "j" * 80 + "..." in result.reason
+
+
+# -- delays and reserved sources ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [("30", 30.0), ("1.5", 1.5), ("0", None)])
+def test_run_after_is_read_in_seconds_and_kept_out_of_the_payload(
+    raw: str, seconds: float | None
+) -> None:
+    result = parse_notification(f'{{"job": "plain", "run_after": {raw}, "k": 1}}', JOBS)
+    assert isinstance(result, list)
+    [req] = result
+    assert (req.run_after, dict(req.payload)) == (seconds, {"k": 1})
+
+
+def test_run_after_applies_to_every_scope_and_every_job() -> None:
+    scoped = parse_notification('{"job": "pfa", "run_after": 5}', JOBS)
+    every = parse_notification('{"source": "deploy", "run_after": 5}', JOBS)
+    for result in (scoped, every):
+        assert isinstance(result, list) and {r.run_after for r in result} == {5.0}
+
+
+@pytest.mark.parametrize("raw", ["-1", '"30"', "true", "null0", "1e12", "[1]"])
+def test_a_bad_run_after_is_rejected(raw: str) -> None:
+    result = parse_notification(f'{{"job": "plain", "run_after": {raw}}}', JOBS)
+    assert isinstance(result, Rejected)
+    assert "run_after" in result.reason or "invalid JSON" in result.reason
+
+
+def test_the_backfill_source_is_reserved() -> None:
+    result = parse_notification('{"job": "plain", "source": "backfill"}', JOBS)
+    assert isinstance(result, Rejected) and "reserved for backfill" in result.reason

@@ -34,3 +34,13 @@ SELECT name, last_fire_at FROM {s}.jobs;
 UPDATE {s}.jobs AS j SET next_fire_at = f.next
 FROM unnest(%(names)s::text[], %(nexts)s::timestamptz[]) AS f(name, next)
 WHERE j.name = f.name AND j.next_fire_at IS DISTINCT FROM f.next;
+
+-- name: enqueue_missed_fires :many
+-- Claim the latest missed fire and queue a backfill run per missed fire (misfire = "all"): a row per run, one with no run, or none when claimed already.
+-- Only the instance whose claim moves last_fire_at queues them, and the
+-- claim and the runs commit together; fires inside a hold make no run.
+WITH fire AS (
+-- include: fire_claim
+)
+SELECT b.run_id, true AS created FROM fire LEFT JOIN LATERAL
+    {s}.backfill(fire.name, NULL, %(fires)s, 'misfire', true) AS b ON true;

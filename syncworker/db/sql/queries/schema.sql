@@ -35,9 +35,11 @@ INSERT INTO {s}.migrations (version) VALUES (%(version)s);
 -- A changed schedule restarts the misfire baseline at now(), so the new
 -- schedule is not judged against fires of the old one.
 INSERT INTO {s}.jobs AS j (name, enabled, schedule, timezone, scopes, scopes_sql, on_overlap,
-                           misfire, retries, timeout, debounce, last_fire_at, updated_at)
+                           misfire, retries, timeout, debounce, misfire_limit, last_fire_at,
+                           updated_at)
 VALUES (%(name)s, %(enabled)s, %(schedule)s, %(timezone)s, %(scopes)s, %(scopes_sql)s,
-        %(on_overlap)s, %(misfire)s, %(retries)s, %(timeout)s, %(debounce)s, now(), now())
+        %(on_overlap)s, %(misfire)s, %(retries)s, %(timeout)s, %(debounce)s, %(misfire_limit)s,
+        now(), now())
 ON CONFLICT (name) DO UPDATE SET
     enabled = excluded.enabled,
     schedule = excluded.schedule,
@@ -49,6 +51,7 @@ ON CONFLICT (name) DO UPDATE SET
     retries = excluded.retries,
     timeout = excluded.timeout,
     debounce = excluded.debounce,
+    misfire_limit = excluded.misfire_limit,
     last_fire_at = CASE
         WHEN j.schedule IS DISTINCT FROM excluded.schedule
           OR j.timezone IS DISTINCT FROM excluded.timezone

@@ -1,10 +1,10 @@
 -- runs and run_steps: one row per run of a key (job, scope), one per step of
 -- each attempt (001; reserved_for and two indexes from 005, not_before from
--- 012).
+-- 012, backfill runs out of runs_one_pending_per_key from 013).
 --
 -- The per-key guarantees live in the partial unique indexes: at most one
--- pending and one running run per key, one run per cron fire, for every
--- instance alike. coalesce() makes an unscoped run (scope NULL) one key on
+-- pending and one running run per key (backfill runs apart: one per fire),
+-- one run per cron fire, for every instance alike. coalesce() makes an unscoped run (scope NULL) one key on
 -- any PostgreSQL version. reserved_for names the worker trigger() reserved a
 -- new run for (005): only that worker may claim it until it is released.
 -- The app role may read every column but payload (007, README
@@ -42,8 +42,10 @@ CREATE TABLE __SCHEMA__.runs (
     not_before        timestamptz  -- the earliest start (012): a delayed trigger
 );
 
+-- Backfill runs (source 'backfill', 013) are left out: one waits per fire.
 CREATE UNIQUE INDEX runs_one_pending_per_key
-    ON __SCHEMA__.runs (job, (coalesce(scope, ''))) WHERE status = 'pending';
+    ON __SCHEMA__.runs (job, (coalesce(scope, '')))
+    WHERE status = 'pending' AND source <> 'backfill';
 CREATE UNIQUE INDEX runs_one_running_per_key
     ON __SCHEMA__.runs (job, (coalesce(scope, ''))) WHERE status = 'running';
 CREATE UNIQUE INDEX runs_one_per_cron_fire

@@ -1,5 +1,5 @@
 -- pauses and actions: keys held by an operator, and what operators did (010;
--- cancel and run_id from 011).
+-- cancel and run_id from 011, backfill from 013).
 --
 -- A row of pauses in force (until NULL or later than now()) holds its job
 -- (scope NULL) or one scope of it: no run of the key starts on any worker,
@@ -29,7 +29,7 @@ CREATE TABLE __SCHEMA__.actions (
     id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     at      timestamptz NOT NULL DEFAULT now(),
     actor   text NOT NULL,
-    action  text NOT NULL CHECK (action IN ('pause', 'resume', 'cancel')),
+    action  text NOT NULL CHECK (action IN ('pause', 'resume', 'cancel', 'backfill')),
     job     text NOT NULL,
     scope   text,
     detail  jsonb NOT NULL DEFAULT '{}',

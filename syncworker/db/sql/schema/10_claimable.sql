@@ -1,17 +1,22 @@
 -- claimable(jobs): the run a claim takes, picked and locked (004, 005, 010,
--- 012).
+-- 012, 013).
 --
 -- The oldest pending run of one of `jobs` whose key is not running and that
 -- is reserved for no worker nor held by a pause in force (05_pauses.sql)
--- nor delayed past now (not_before, a delayed trigger), FOR UPDATE SKIP
--- LOCKED; the claim statement
+-- nor delayed past now (not_before, a delayed trigger), and, for a backfill
+-- run, whose key has no backfill run of an earlier fire pending, FOR UPDATE
+-- SKIP LOCKED; the claim statement
 -- (claim_next in db/sql/queries/runs.sql) updates it in the same
 -- transaction. With sorting switched off for this one query the plan left is
 -- the walk up runs_active in id order that stops at the first run that fits:
 -- with the statistics sampled while almost nothing is pending, the planner
 -- preferred to read every pending run and sort, and a claim cost in
 -- proportion to the backlog. runs_one_running_per_key still guards the
--- one-running-per-key rule. Only the worker calls it.
+-- one-running-per-key rule. The earlier-fire test keeps backfill runs in
+-- fire order across instances: SKIP LOCKED alone would let a second claim
+-- pass over the fire a first claim has locked and take the next one. It
+-- sees that run pending until the first claim commits, and the key running
+-- after. Only the worker calls it.
 
 CREATE FUNCTION __SCHEMA__.claimable(jobs text[]) RETURNS SETOF bigint
 LANGUAGE sql
@@ -26,6 +31,11 @@ AS $fn$
           SELECT 1 FROM __SCHEMA__.runs x
           WHERE x.status = 'running' AND x.job = p.job
             AND coalesce(x.scope, '') = coalesce(p.scope, ''))
+      AND (p.source <> 'backfill' OR NOT EXISTS (
+          SELECT 1 FROM __SCHEMA__.runs o
+          WHERE o.status = 'pending' AND o.source = 'backfill' AND o.job = p.job
+            AND coalesce(o.scope, '') = coalesce(p.scope, '')
+            AND o.scheduled_for < p.scheduled_for))
       AND NOT EXISTS (
           SELECT 1 FROM __SCHEMA__.pauses h
           WHERE h.job = p.job AND (h.scope IS NULL OR h.scope = p.scope)

@@ -1,7 +1,8 @@
 -- trigger(job, scope, source, triggered_by, payload, scheduled_for,
 -- run_after): the one way runs are requested (001; reservations from 005,
 -- one write per trigger from 006, a two-field wake from 007, each worker's
--- own lease from 009, pauses from 010, delays from 012).
+-- own lease from 009, pauses from 010, delays from 012, backfill runs apart
+-- from 013).
 --
 -- The CLI, the Python API, the worker's cron fires and NOTIFY triggers all
 -- come through here, so validation and coalescing live in one place: an
@@ -79,6 +80,11 @@ BEGIN
     END IF;
     IF trigger.payload IS NULL OR jsonb_typeof(trigger.payload) <> 'object' THEN
         RAISE EXCEPTION 'syncworker: payload must be a JSON object' USING ERRCODE = '22023';
+    END IF;
+    IF trigger.source = 'backfill' THEN
+        -- Backfill runs queue apart, one per fire (backfill()): not for callers.
+        RAISE EXCEPTION 'syncworker: source ''backfill'' is reserved for backfill()'
+            USING ERRCODE = '22023';
     END IF;
     IF trigger.run_after < interval '0' THEN
         RAISE EXCEPTION 'syncworker: run_after must not be negative, got %', trigger.run_after
@@ -192,7 +198,7 @@ BEGIN
              reserved_for, not_before)
         VALUES (j.name, one_scope, 'pending', trigger.source, trigger.triggered_by,
                 trigger.payload, trigger.scheduled_for, j.retries + 1, taker, start_at)
-        ON CONFLICT (job, (coalesce(scope, ''))) WHERE status = 'pending'
+        ON CONFLICT (job, (coalesce(scope, ''))) WHERE status = 'pending' AND source <> 'backfill'
         DO UPDATE SET triggers = r.triggers + 1,
                       scheduled_for = coalesce(r.scheduled_for, excluded.scheduled_for),
                       not_before = greatest(r.not_before, excluded.not_before),

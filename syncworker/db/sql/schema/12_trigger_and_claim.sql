@@ -52,6 +52,7 @@ BEGIN
                1, clock_timestamp(), me, first_step
         FROM __SCHEMA__.jobs j
         WHERE j.name = trigger_and_claim.job AND j.enabled AND j.debounce = 0
+          AND trigger_and_claim.source <> 'backfill'  -- trigger() refuses it
           AND CASE WHEN j.scopes IS NULL THEN trigger_and_claim.scope IS NULL
                    ELSE trigger_and_claim.scope = ANY (j.scopes) END
           AND NOT EXISTS (
