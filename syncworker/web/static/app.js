@@ -67,6 +67,17 @@ function when(iso) {
   return el("span", { title: new Date(iso).toString(), dataset: { ago: iso } }, ago(iso));
 }
 
+function inZone(iso, zone) {
+  // The job's own clock: a schedule is read in its time zone.
+  try {
+    return new Date(iso).toLocaleString(undefined, {
+      timeZone: zone, month: "short", day: "numeric", hour: "2-digit", minute: "2-digit",
+    });
+  } catch (err) {
+    return stamp(iso); // a zone this browser does not know
+  }
+}
+
 function duration(ms) {
   if (ms === null || ms === undefined) return "";
   return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(1)} s`;
@@ -318,7 +329,8 @@ function drawJobs() {
       el("td", {}, el("span", { class: "job-name" }, job.name),
         scopes.length ? el("span", { class: "sub" }, scopes.join(", ")) : null),
       el("td", {}, schedule),
-      el("td", {}, when(job.next_fire_at)),
+      el("td", {}, when(job.next_fire_at),
+        job.next_fire_at ? el("span", { class: "sub" }, inZone(job.next_fire_at, job.timezone)) : null),
       el("td", {}, last),
       el("td", {}, states),
       actions));
