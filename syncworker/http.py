@@ -93,9 +93,7 @@ class HttpServer:
                     await writer.drain()
         finally:
             self._streaming -= 1
-            aclose = getattr(stream.chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await _close(stream)
 
     async def _respond(self, reader: asyncio.StreamReader, busy: bool) -> Reply | None:
         if busy:
@@ -113,8 +111,11 @@ class HttpServer:
         except Exception as exc:
             self._log.error("http_handler_failed", path=request.path[:200], error=repr(exc)[:500])
             response = error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
-        if method == "HEAD" and isinstance(response, Response):
+        if method == "HEAD":
             # Probes (curl -I, load balancers) ask HEAD: GET's answer, no body.
+            if isinstance(response, Stream):
+                await _close(response)  # never started: nothing to stream for a HEAD
+                response = Response(HTTPStatus.OK, b"", response.content_type, response.headers)
             response = replace(response, head_only=True)
         status = response.status if isinstance(response, Response) else HTTPStatus.OK
         # Never the query string nor a header: the path is all that is logged.
@@ -206,6 +207,13 @@ async def _read_request(reader: asyncio.StreamReader) -> Request | Response | No
         headers=headers,
         body=body,
     )
+
+
+async def _close(stream: Stream) -> None:
+    """End a stream's generator, so what it holds (a queue) is let go now."""
+    aclose = getattr(stream.chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _encode_head(

@@ -16,6 +16,7 @@ from syncworker.config import Settings
 from syncworker.web.replies import HttpError, Request
 
 ANONYMOUS = "http"  # triggered_by of a write made with `http_token`
+_CHALLENGE = (("WWW-Authenticate", 'Bearer realm="syncworker"'),)
 
 
 def tokens(settings: Settings) -> list[tuple[str, bytes]]:
@@ -39,14 +40,16 @@ def writer(settings: Callable[[], Settings]) -> Callable[[Request], str]:
             )
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
-            raise HttpError(HTTPStatus.UNAUTHORIZED, "send Authorization: Bearer <token>")
+            raise HttpError(
+                HTTPStatus.UNAUTHORIZED, "send Authorization: Bearer <token>", _CHALLENGE
+            )
         offered = given.strip().encode("latin-1", "replace")
         name = None
         for candidate, token in known:
             if hmac.compare_digest(offered, token) and name is None:
                 name = candidate
         if name is None:
-            raise HttpError(HTTPStatus.UNAUTHORIZED, "wrong token")
+            raise HttpError(HTTPStatus.UNAUTHORIZED, "wrong token", _CHALLENGE)
         return name
 
     return who

@@ -68,11 +68,18 @@ def error(
 class HttpError(Exception):
     """Raised by a handler's helpers: answered as error(status, message)."""
 
-    def __init__(self, status: HTTPStatus, message: str, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: HTTPStatus,
+        message: str,
+        headers: tuple[tuple[str, str], ...] = (),
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
         self.extra = extra
 
     def reply(self) -> Response:
-        return error(self.status, self.message, **self.extra)
+        return error(self.status, self.message, self.headers, **self.extra)

@@ -86,8 +86,9 @@ def test_writes_without_a_configured_token_are_403_and_change_nothing(
 
 def test_a_wrong_or_missing_token_is_401_and_no_token_is_logged(worker, database_url, port) -> None:
     for token in (None, "wrong-token-0123456789", TOKEN + "x"):
-        status, _, body = call(port, "POST", "/api/jobs/pfa/trigger", {}, token=token)
+        status, headers, body = call(port, "POST", "/api/jobs/pfa/trigger", {}, token=token)
         assert status == 401, token
+        assert headers["WWW-Authenticate"].startswith("Bearer")
         assert "token" in body["error"] or "Bearer" in body["error"]
     assert runs(database_url) == []
     call(port, "POST", "/api/jobs/pfa/trigger", {"scope": "RIO"}, token=TOKEN)
@@ -406,3 +407,35 @@ def test_a_client_that_stops_reading_is_dropped_and_others_keep_going(
             slow._recv()
     slow.close()
     fast.close()
+
+
+def test_a_reconnect_of_the_listening_session_tells_streams_to_read_again(
+    worker, database_url, port
+) -> None:
+    stream = EventStream(port)
+    stream.head()
+    try:
+        [(killed,)] = query(
+            database_url,
+            "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
+            " JOIN syncworker.workers w ON l.objid = w.lock_key::bigint::oid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND w.pid = %s"
+            "   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            (worker.proc.pid,),
+        )
+        assert killed == 1
+        worker.wait_for("db_reconnected")
+        assert stream.next_event() == ("resync", {})
+        # And the stream goes on with the new session.
+        call(port, "POST", "/api/jobs/pfa/trigger", {"scope": "HOU"}, token=TOKEN)
+        assert stream.next_event()[0] == "run_started"
+    finally:
+        stream.close()
+
+
+def test_head_of_the_event_stream_is_headers_only(worker, port) -> None:
+    from tests.daemon.test_http import raw
+
+    got = raw(port, b"HEAD /api/events HTTP/1.1\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\n")
+    assert b"text/event-stream" in got
