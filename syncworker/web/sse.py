@@ -6,9 +6,10 @@ listens on the events channel while `http` is set, and hands each
 notification to `EventHub.publish`, which parses it once (any role may
 NOTIFY the channel: only the fields of a run event are passed on, re-encoded)
 and appends the encoded bytes to each client's queue. A queue holds at most
-QUEUE_LIMIT chunks: a client that falls that far behind (it stopped reading,
-and its socket's buffers are full) is dropped, so a slow client never grows
-the worker's memory. An idle stream costs nothing: it waits on its own
+QUEUE_BYTES: a client that falls that far behind (it stopped reading, and
+its socket's buffers are full) is dropped, so a slow client never grows the
+worker's memory; at most MAX_STREAMS x QUEUE_BYTES (32 MiB) in all, whatever
+is published. An idle stream costs nothing: it waits on its own
 event; one keep-alive task, only while streams are open, writes a comment to
 every stream every KEEPALIVE seconds so proxies keep them open.
 """
@@ -27,7 +28,9 @@ from structlog.typing import FilteringBoundLogger
 from syncworker.events import parse_run_event
 from syncworker.web.replies import Reply, Request, Stream, error
 
-QUEUE_LIMIT = 256  # chunks a client may be behind before it is dropped
+# What a client may be behind before it is dropped: some 600 real events
+# (~200 bytes each), or 16 of the largest a forged NOTIFY can carry.
+QUEUE_BYTES = 128 * 1024
 MAX_STREAMS = 256  # open streams at once; more answer 503
 KEEPALIVE = 15.0  # seconds between comments on a quiet stream
 MAX_PAYLOAD = 8000  # PostgreSQL's own limit on a NOTIFY payload
@@ -40,10 +43,11 @@ _RESYNC = b"event: resync\ndata: {}\n\n"
 
 
 class _Client:
-    __slots__ = ("chunks", "dropped", "ready")
+    __slots__ = ("chunks", "dropped", "ready", "size")
 
     def __init__(self) -> None:
         self.chunks: deque[bytes] = deque()
+        self.size = 0  # bytes in chunks
         self.ready = asyncio.Event()
         self.dropped = False
 
@@ -51,14 +55,23 @@ class _Client:
         """Queue a chunk; False (and the client marked dropped) when full."""
         if self.dropped:
             return False
-        if len(self.chunks) >= QUEUE_LIMIT:
+        if self.size + len(chunk) > QUEUE_BYTES:
             self.dropped = True
             self.chunks.clear()  # its memory goes now, not when its socket times out
+            self.size = 0
             self.ready.set()
             return False
         self.chunks.append(chunk)
+        self.size += len(chunk)
         self.ready.set()
         return True
+
+    def take(self) -> bytes:
+        """Everything queued, as one write."""
+        chunk = b"".join(self.chunks)
+        self.chunks.clear()
+        self.size = 0
+        return chunk
 
 
 class EventHub:
@@ -96,7 +109,7 @@ class EventHub:
         if client in self._clients:
             self._clients.discard(client)
             self.dropped += 1
-            self._log.warning("sse_client_dropped", behind=QUEUE_LIMIT, streams=self.clients)
+            self._log.warning("sse_client_dropped", behind_bytes=QUEUE_BYTES, streams=self.clients)
 
     async def handle(self, request: Request) -> Reply:
         if len(self._clients) >= MAX_STREAMS:
@@ -118,10 +131,7 @@ class EventHub:
                 client.ready.clear()
                 if client.dropped:
                     return
-                # Everything queued, as one write.
-                chunk = b"".join(client.chunks)
-                client.chunks.clear()
-                yield chunk
+                yield client.take()
         finally:
             self._clients.discard(client)
             if not self._clients and self._keepalive is not None:

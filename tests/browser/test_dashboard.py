@@ -59,8 +59,31 @@ def one(driver: Any, selector: str) -> Any:
 
 
 def text_of(driver: Any, selector: str) -> str:
-    node = one(driver, selector)
-    return node.text if node is not None else ""
+    """What a user reads there, read in one go: the page redraws rows as
+    events arrive, and an element held across two calls may be gone."""
+    return str(
+        driver.execute_script(
+            "const n = document.querySelector(arguments[0]); return n ? n.innerText : '';",
+            selector,
+        )
+    )
+
+
+def click(driver: Any, selector: str) -> None:
+    """Press a button as a user would, again if a redraw replaced it first."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def press(d: Any) -> bool:
+        node = one(d, selector)
+        if node is None:
+            return False
+        try:
+            node.click()
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    wait(driver, press, f"a button at {selector}")
 
 
 def share(driver: Any) -> int | None:
@@ -74,7 +97,7 @@ def share(driver: Any) -> int | None:
 
 
 def run_status(driver: Any, run_id: int) -> str:
-    return text_of(driver, f'#runs tr[data-run="{run_id}"] .pill')
+    return text_of(driver, f'#runs tr[data-run="{run_id}"] .pill').strip()
 
 
 def severe_console_lines(driver: Any) -> list[str]:
@@ -125,14 +148,15 @@ def test_the_dashboard_shows_the_worker_and_acts_live(
     assert "on trigger only" in text_of(browser, '#jobs tr[data-job="export"]')
     (worker_id,) = query(database_url, "SELECT id FROM syncworker.workers")[0]
     assert "idle" in text_of(browser, f'#workers tr[data-worker="{worker_id}"]')
-    failed = wait(browser, lambda d: one(d, "#runs .pill.failed"), "the failed run")
-    failed_row = failed.find_element("xpath", "./ancestor::tr")
-    assert "scope BAD is broken" in failed_row.text and "BAD" in failed_row.text
+    (failed_id,) = query(database_url, "SELECT id FROM syncworker.runs WHERE status = 'failed'")[0]
+    wait(browser, lambda d: run_status(d, failed_id) == "failed", "the failed run")
+    failed_row = text_of(browser, f'#runs tr[data-run="{failed_id}"]')
+    assert "scope BAD is broken" in failed_row and "BAD" in failed_row
     assert "Nothing running" in text_of(browser, "#running")
     browser.save_screenshot(str(tmp_path / "1-loaded.png"))
 
     # Without a token, a button says what to do and writes nothing.
-    one(browser, '#jobs tr[data-job="export"] button[data-action="run"]').click()
+    click(browser, '#jobs tr[data-job="export"] button[data-action="run"]')
     wait(browser, lambda d: "Enter the API token" in text_of(d, "#toasts"), "the token hint")
     assert query(database_url, "SELECT count(*) FROM syncworker.runs WHERE job = 'export'") == [
         (0,)
@@ -140,7 +164,7 @@ def test_the_dashboard_shows_the_worker_and_acts_live(
 
     # The token, typed once.
     one(browser, "#token").send_keys(TOKEN)
-    one(browser, "#token-save").click()
+    click(browser, "#token-save")
     assert "token set" in text_of(browser, "#token-state")
     assert browser.execute_script("return sessionStorage.getItem('syncworker.token')") == TOKEN
 
@@ -149,7 +173,7 @@ def test_the_dashboard_shows_the_worker_and_acts_live(
     from selenium.webdriver.support.ui import Select
 
     Select(select).select_by_value("US")
-    one(browser, '#jobs tr[data-job="orders"] button[data-action="run"]').click()
+    click(browser, '#jobs tr[data-job="orders"] button[data-action="run"]')
     wait(browser, lambda d: "orders / US" in text_of(d, ".progress-card"), "a progress card")
     shares = set()
     wait(
@@ -163,10 +187,10 @@ def test_the_dashboard_shows_the_worker_and_acts_live(
     wait(browser, lambda d: run_status(d, us_run) == "succeeded", "the run succeeded", 30)
 
     # Pause a scope, with a reason written as markup: shown as text.
-    one(browser, '#jobs tr[data-job="orders"] button[data-action="pause"]').click()
+    click(browser, '#jobs tr[data-job="orders"] button[data-action="pause"]')
     Select(one(browser, "#pause-scope")).select_by_value("EU")
     one(browser, "#pause-reason").send_keys("vendor <img src=x onerror=alert(1)> upgrade")
-    one(browser, "#pause-ok").click()
+    click(browser, "#pause-ok")
     wait(
         browser,
         lambda d: "EU paused" in text_of(d, '#jobs tr[data-job="orders"]'),
@@ -179,7 +203,7 @@ def test_the_dashboard_shows_the_worker_and_acts_live(
     assert paused.startswith("vendor <img")
 
     # Resume it.
-    one(browser, '#jobs tr[data-job="orders"] button[data-action="resume"]').click()
+    click(browser, '#jobs tr[data-job="orders"] button[data-action="resume"]')
     wait(
         browser,
         lambda d: "EU paused" not in text_of(d, '#jobs tr[data-job="orders"]'),
@@ -190,7 +214,7 @@ def test_the_dashboard_shows_the_worker_and_acts_live(
     ]
 
     # Cancel a running run.
-    one(browser, '#jobs tr[data-job="export"] button[data-action="run"]').click()
+    click(browser, '#jobs tr[data-job="export"] button[data-action="run"]')
     (export_run,) = wait_until(
         lambda: query(
             database_url,
@@ -199,7 +223,7 @@ def test_the_dashboard_shows_the_worker_and_acts_live(
         what="export running",
     )[0]
     wait(browser, lambda d: run_status(d, export_run) == "running", "the export running")
-    one(browser, f'#runs tr[data-run="{export_run}"] button[data-action="cancel"]').click()
+    click(browser, f'#runs tr[data-run="{export_run}"] button[data-action="cancel"]')
     wait(browser, lambda d: run_status(d, export_run) == "cancelled", "the run cancelled", 20)
     (error,) = query(database_url, f"SELECT error FROM syncworker.runs WHERE id = {export_run}")[0]
     assert "http" in error
@@ -209,7 +233,7 @@ def test_the_dashboard_shows_the_worker_and_acts_live(
     (inv_run,) = query(
         database_url, "SELECT id FROM syncworker.runs WHERE job = 'invoices' AND scope = 'EU'"
     )[0]
-    one(browser, f'#runs tr[data-run="{inv_run}"]').click()
+    click(browser, f'#runs tr[data-run="{inv_run}"]')
     wait(browser, lambda d: "sw_testjobs:second" in text_of(d, "#detail"), "the run's steps")
     assert f"Run #{inv_run}" in text_of(browser, "#detail-title")
     browser.save_screenshot(str(tmp_path / "3-detail.png"))

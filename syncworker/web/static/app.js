@@ -522,15 +522,20 @@ function saveToken() {
 // -- live updates ------------------------------------------------------------------
 
 let refreshTimer = null;
+let refreshedAt = 0;
 
 function refreshSoon() {
-  // Many events in a burst make one read, a moment after the first.
+  // Events are hints to read again: a burst makes one read a moment after
+  // its first event, and however many arrive (any role may NOTIFY the
+  // channel), a page reads at most once a second.
   if (refreshTimer) return;
+  const wait = Math.max(150, 1000 - (Date.now() - refreshedAt));
   refreshTimer = setTimeout(async () => {
     refreshTimer = null;
+    refreshedAt = Date.now();
     await Promise.all([loadStatus(), loadRuns()]);
     if (state.detail) await loadDetail(state.detail.id);
-  }, 150);
+  }, wait);
 }
 
 function onProgress(event) {
