@@ -288,9 +288,21 @@ function drawJobs() {
       : el("span", { class: "muted" }, "never ran");
     const states = [];
     if (!job.enabled) states.push(pill("disabled"));
-    if (job.paused) states.push(el("div", {}, pill("paused"), el("span", { class: "sub" }, holdText(job))));
+    // Each hold is lifted on its own (a job's and a scope's are separate).
+    const resume = (scope) => el("button", {
+      type: "button", class: "link", dataset: { action: "resume", job: job.name, scope: scope || "" },
+      onclick: async () => {
+        const done = await api.resume(job.name, scope);
+        if (done) toast(`${job.name}${scope ? "/" + scope : ""} resumed`);
+        refreshSoon();
+      },
+    }, "resume");
+    if (job.paused) {
+      states.push(el("div", {}, pill("paused"), " ", resume(null),
+        el("span", { class: "sub" }, holdText(job))));
+    }
     for (const hold of job.paused_scopes || []) {
-      states.push(el("div", {}, pill("paused", `${hold.scope} paused`),
+      states.push(el("div", {}, pill("paused", `${hold.scope} paused`), " ", resume(hold.scope),
         el("span", { class: "sub" }, holdText(hold))));
     }
     if (!states.length) states.push(el("span", { class: "muted" }, "active"));
@@ -300,7 +312,6 @@ function drawJobs() {
       ? el("select", { "aria-label": `scope of ${job.name}`, dataset: { scopeFor: job.name } },
         el("option", { value: "" }, "all scopes"), scopes.map((s) => el("option", { value: s }, s)))
       : null;
-    const anyHold = job.paused || (job.paused_scopes || []).length > 0;
     const actions = el("td", { class: "actions" },
       scopeSelect,
       el("button", {
@@ -315,16 +326,7 @@ function drawJobs() {
       el("button", {
         type: "button", class: "warn", dataset: { action: "pause", job: job.name },
         onclick: () => openPause(job),
-      }, "Pause"),
-      anyHold ? el("button", {
-        type: "button", dataset: { action: "resume", job: job.name },
-        onclick: async () => {
-          const scope = job.paused ? "" : (job.paused_scopes[0] || {}).scope;
-          const done = await api.resume(job.name, scope);
-          if (done) toast(`${job.name}${scope ? "/" + scope : ""} resumed`);
-          refreshSoon();
-        },
-      }, "Resume") : null);
+      }, "Pause"));
     body.append(el("tr", { dataset: { job: job.name } },
       el("td", {}, el("span", { class: "job-name" }, job.name),
         scopes.length ? el("span", { class: "sub" }, scopes.join(", ")) : null),
