@@ -236,6 +236,10 @@ def test_the_dashboard_shows_the_worker_and_acts_live(
     click(browser, f'#runs tr[data-run="{inv_run}"]')
     wait(browser, lambda d: "sw_testjobs:second" in text_of(d, "#detail"), "the run's steps")
     assert f"Run #{inv_run}" in text_of(browser, "#detail-title")
+    detail = text_of(browser, "#detail-body")
+    assert "triggered by\nhttp" in detail and "attempt\n1 of 1" in detail, detail
+    # Nothing anywhere drawn as an object instead of its text.
+    assert "[object" not in text_of(browser, "body")
     browser.save_screenshot(str(tmp_path / "3-detail.png"))
 
     # Everything above arrived without a reload, and nothing broke the CSP.

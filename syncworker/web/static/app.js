@@ -14,6 +14,7 @@ const state = {
   progress: new Map(), // run id -> {processed, total, step}, from run_progress events
   detail: null,       // the run shown in the side panel, by id
   pauseJob: null,
+  scopeChoice: new Map(), // job -> the scope picked for Run now, kept across redraws
 };
 
 // -- small helpers -----------------------------------------------------------------
@@ -27,7 +28,7 @@ function el(tag, attrs, ...children) {
     else if (key === "dataset") Object.assign(node.dataset, value);
     else node.setAttribute(key, value === true ? "" : String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -309,9 +310,15 @@ function drawJobs() {
 
     const scopes = job.scopes || [];
     const scopeSelect = scopes.length
-      ? el("select", { "aria-label": `scope of ${job.name}`, dataset: { scopeFor: job.name } },
-        el("option", { value: "" }, "all scopes"), scopes.map((s) => el("option", { value: s }, s)))
+      ? el("select", {
+        "aria-label": `scope of ${job.name}`, dataset: { scopeFor: job.name },
+        onchange: (event) => state.scopeChoice.set(job.name, event.target.value),
+      }, el("option", { value: "" }, "all scopes"), scopes.map((s) => el("option", { value: s }, s)))
       : null;
+    // A live redraw keeps the scope the user picked.
+    if (scopeSelect && scopes.includes(state.scopeChoice.get(job.name))) {
+      scopeSelect.value = state.scopeChoice.get(job.name);
+    }
     const actions = el("td", { class: "actions" },
       scopeSelect,
       el("button", {
