@@ -39,11 +39,13 @@ typecheck: install
 	$(BIN)/mypy
 
 # Tools the tests run for real, from Debian's packages: libfaketime (workers
-# with a skewed clock) and PgBouncer (poolers). Installed once; needs root,
-# as CI has.
-TEST_PACKAGES := faketime pgbouncer
+# with a skewed clock), PgBouncer (poolers), and Chromium with its driver
+# (the dashboard's tests in tests/browser). Installed once; needs root, as
+# CI has.
+TEST_PACKAGES := faketime pgbouncer chromium chromium-driver
 test-tools:
-	@if ! command -v faketime >/dev/null || ! test -x /usr/sbin/pgbouncer; then \
+	@if ! command -v faketime >/dev/null || ! test -x /usr/sbin/pgbouncer \
+		|| ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 		apt-get install -y -q $(TEST_PACKAGES) >/dev/null \
 		|| (apt-get update -q >/dev/null && apt-get install -y -q $(TEST_PACKAGES) >/dev/null); \
 	fi

@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SecretStr,
     Tag,
     ValidationError,
     field_validator,
@@ -40,6 +41,14 @@ _JOB_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
 _CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
+# A named token's name is what runs it triggers say in triggered_by.
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
+# Long enough that guessing one over HTTP is hopeless (`openssl rand -hex 16`
+# gives 32 characters); printable ASCII, so a header can carry it.
+MIN_TOKEN_LENGTH = 16
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
+# Keys whose values are never echoed in a config error.
+_SECRET_FIELDS = ("http_token", "http_tokens")
 
 
 _STEP_TAGS = ("callable", "command", "sql")
@@ -206,6 +215,12 @@ class Settings(_SchemaField):
     # Finished runs older than this are deleted (0 keeps them forever).
     history_days: float = Field(default=30, ge=0)
     http: str = ""
+    # Bearer tokens for the HTTP API's writes (README "Dashboard"): one
+    # anonymous token (runs say triggered_by "http") and/or named ones (runs
+    # say the name). None set: the API is read-only. SecretStr keeps them out
+    # of every repr; a reload (SIGHUP) may rotate them.
+    http_token: SecretStr | None = None
+    http_tokens: dict[str, SecretStr] = Field(default_factory=dict)
     # Steps' connections (ctx.connection()) come from a pool of their own:
     # at most this many at once (None: 2 per concurrency slot), each waited
     # for at most step_connect_timeout seconds.
@@ -275,6 +290,43 @@ class Settings(_SchemaField):
             http_address(value)
         return value
 
+    @field_validator("http_token")
+    @classmethod
+    def _token_text(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _check_token(value.get_secret_value(), "the token")
+        return value
+
+    @field_validator("http_tokens")
+    @classmethod
+    def _named_tokens(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        seen: set[str] = set()
+        for name, token in value.items():
+            if not _TOKEN_NAME.fullmatch(name):
+                raise ValueError(
+                    f"token name {name[:64]!r} must be 1 to 64 letters, digits or _ . @ -"
+                )
+            text = token.get_secret_value()
+            _check_token(text, f"the token of {name!r}")
+            if text in seen:
+                raise ValueError(f"the token of {name!r} is also another name's token")
+            seen.add(text)
+        return value
+
+    @model_validator(mode="after")
+    def _channels_distinct(self) -> Settings:
+        # The worker would read its own run events as triggers (and, with
+        # `http`, triggers as run events).
+        if self.events_channel == self.channel:
+            raise ValueError(f"events_channel and channel are both {self.channel!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _tokens_distinct(self) -> Settings:
+        if self.http_token is not None and self.http_token in self.http_tokens.values():
+            raise ValueError("http_token is also one of http_tokens: give each token one name")
+        return self
+
     @field_validator("jobs")
     @classmethod
     def _job_names(cls, value: dict[str, JobConfig]) -> dict[str, JobConfig]:
@@ -285,6 +337,28 @@ class Settings(_SchemaField):
                     "(not starting with a punctuation mark)"
                 )
         return value
+
+
+def http_is_loopback(address: str) -> bool:
+    """Whether an `http` address is reachable from this machine only."""
+    host, _ = http_address(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, assume the network
+
+
+def _check_token(text: str, what: str) -> None:
+    """A token fit to compare: never quoted in the message."""
+    if len(text) < MIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"{what} is shorter than {MIN_TOKEN_LENGTH} characters"
+            " (make one with `openssl rand -hex 16`)"
+        )
+    if not _TOKEN_TEXT.fullmatch(text):
+        raise ValueError(f"{what} must be printable ASCII without spaces")
 
 
 def http_address(value: str) -> tuple[str, int]:
@@ -415,7 +489,11 @@ def _first_error(exc: ValidationError, data: Mapping[str, Any], source: str) -> 
                     where, key, f"{message}; unknown key {str(name)!r} (did you mean {close[0]!r}?)"
                 )
     shown = err.get("input")
-    if err["type"] not in ("value_error",) and isinstance(shown, str | int | float | bool):
+    if (
+        err["type"] not in ("value_error",)
+        and top not in _SECRET_FIELDS
+        and isinstance(shown, str | int | float | bool)
+    ):
         message = f"{message} (got {json.dumps(shown)})"
     return ConfigError(where, key, message)
 

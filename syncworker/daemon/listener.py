@@ -202,9 +202,13 @@ class Listener:
         on_notify: OnNotify,
         on_state: OnState,
         on_poll: Callable[[], None],
+        extra_channels: Sequence[str] = (),
     ) -> None:
+        """`extra_channels`: listened to on the same session, for what the
+        worker serves beyond its own work (the HTTP event stream)."""
         self._settings = settings
         self._wake_channel = wake_channel
+        self._extra_channels = tuple(extra_channels)
         self._log = log
         self._connect = connect
         self._on_connect = on_connect
@@ -219,7 +223,7 @@ class Listener:
             return
         await listen_forever(
             settings.listen_conninfo,
-            [settings.channel, self._wake_channel],
+            [settings.channel, self._wake_channel, *self._extra_channels],
             log=self._log,
             on_connect=self._on_connect,
             on_notify=self._on_notify,

@@ -40,12 +40,15 @@ from syncworker.daemon.startup import Startup
 from syncworker.db import Store
 from syncworker.dbclock import DbClock
 from syncworker.events import cancelled_run_id, is_delay, is_hold_change, is_reservation
-from syncworker.http import start_http, worker_routes
+from syncworker.http import start_http
 from syncworker.lease import Lease, LeaseTiming
 from syncworker.logs import make_logger
 from syncworker.metrics import Metrics
 from syncworker.orchestrator import RunEnv
 from syncworker.version import VERSION
+from syncworker.web import auth
+from syncworker.web.app import worker_app
+from syncworker.web.sse import EventHub
 
 # A connection lent from one of the pools for the length of an `async with`.
 Lent = AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]
@@ -87,6 +90,9 @@ class Worker:
         self._background = Background()
         self._pools: Pools | None = None
         self._main: asyncio.Task[None] | None = None
+        # The HTTP event stream's clients, fed from the listening session,
+        # which listens on the events channel too while `http` is set.
+        self._events = EventHub(self.log) if settings.http else None
         self._wire()
 
     def _wire(self) -> None:
@@ -195,6 +201,7 @@ class Worker:
             on_notify=self._on_notify,
             on_state=self._on_db_state,
             on_poll=wake,
+            extra_channels=[self.settings.events_channel] if self._events is not None else [],
         )
 
     # -- the public face -----------------------------------------------------------
@@ -285,16 +292,22 @@ class Worker:
         # Bound before anything else, so a taken port fails the start at once
         # and a probe sees "starting" while the database is still awaited.
         http = None
-        if settings.http:
-            routes = worker_routes(
+        if settings.http and self._events is not None:
+            app = worker_app(
+                settings=lambda: self.settings,
                 health=self.health,
                 db_up=self._life.db_up.is_set,
                 connect=self._connect,
                 store=self.store,
                 metrics=self.metrics,
+                events=self._events,
             )
             http = await start_http(
-                settings.http, routes, log=self.log, config_source=self._config_source
+                settings.http,
+                app,
+                log=self.log,
+                config_source=self._config_source,
+                writable=bool(auth.tokens(settings)),
             )
         self._pools = Pools(settings)
         await self._pools.open()
@@ -344,7 +357,9 @@ class Worker:
     async def _on_notify(
         self, session: psycopg.AsyncConnection[Any] | None, notify: psycopg.Notify
     ) -> None:
-        if notify.channel != self.store.wake:
+        if self._events is not None and notify.channel == self.settings.events_channel:
+            self._events.publish(notify.payload)
+        elif notify.channel != self.store.wake:
             await self._intake.on_trigger(session, notify)
         elif is_hold_change(notify.payload):
             self._scheduler.reschedule()  # when the next hold ends
@@ -367,6 +382,8 @@ class Worker:
                 self._pools.outage()  # the pool's connections may be dead too: check them all
             return
         life.db_up.set()
+        if self._events is not None and life.ready.is_set():
+            self._events.resync()  # events published while we were deaf are lost
         # A reconnect: the outage may have cut every session.
         self._liveness.reconnected(serving=life.ready.is_set())
         # Whatever was enqueued while we were deaf is in the table: look.

@@ -66,3 +66,30 @@ class ReadQueries(StoreBase):
         async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(query.composed, {"id": run_id})
             return await cur.fetchone()
+
+    async def list_runs(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        *,
+        job: str | None,
+        scope: str | None,
+        status: str | None,
+        before: int | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """A page of runs, newest first, below the id `before` when given;
+        without `payload` when this role may not read it."""
+        payload = await self.may_read_payload(conn)
+        query = self.q["list_runs"] if payload else self.q["list_runs_no_payload"]
+        params = {"job": job, "scope": scope, "status": status, "before": before, "limit": limit}
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(query.composed, params)
+            return await cur.fetchall()
+
+    async def read_run_steps(
+        self, conn: psycopg.AsyncConnection[Any], run_id: int
+    ) -> list[dict[str, Any]]:
+        """A run's steps, every attempt's, in the order they ran."""
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(self.q["run_steps"].composed, {"id": run_id})
+            return await cur.fetchall()

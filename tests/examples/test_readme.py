@@ -65,6 +65,7 @@ def test_the_marked_blocks_are_all_run_here() -> None:
         "delay-sql",
         "delay-cli",
         "backfill-cli",
+        "dashboard-curl",
     }
     assert set(BLOCKS) == ran
 
@@ -466,3 +467,21 @@ def test_the_pm2_steps(checkout: Path, database_url: str, pm2: PM2) -> None:
     assert trig.returncode == 0, trig.stderr
     assert pm2.app()["status"] == "online" and pm2.app()["restarts"] == 0
     assert pm2.error_log() == []
+
+
+def test_the_dashboard_curl_lines(database_url: str, tmp_path: Path, start) -> None:  # type: ignore[no-untyped-def]
+    from syncworker.embedded import free_port
+
+    port = free_port()
+    token = "readme-token-0123456789"
+    config = write_config(tmp_path / "orders.toml", database_url, ORDERS, http=f"127.0.0.1:{port}")
+    start(config, env={"SYNCWORKER_HTTP_TOKEN": token})
+    script = block("dashboard-curl").replace("127.0.0.1:9187", f"127.0.0.1:{port}")
+    done = bash(script, REPO, user_env(SYNCWORKER_HTTP_TOKEN=token))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"triggered_by": "http"' in done.stdout
+    assert '"lifted": true' in done.stdout
+    runs = query(database_url, "SELECT job, scope, source, triggered_by FROM syncworker.runs")
+    assert runs == [("orders", "tenant-42", "http", "http")]
+    actions = query(database_url, "SELECT action, job FROM syncworker.actions ORDER BY id")
+    assert actions == [("pause", "orders"), ("resume", "orders")]

@@ -1,6 +1,7 @@
 """The package's layers, held by reading its imports (ast, no import runs):
 
-- `syncworker/db/` never imports the daemon, the CLI or the HTTP server;
+- `syncworker/db/` never imports the daemon, the CLI or the HTTP server
+  (http.py and what it serves, web/);
 - no daemon service imports another: they are wired in daemon/worker.py
   (the shared records lifecycle, catalog, slots and connsettings may be
   imported by any);
@@ -75,7 +76,13 @@ def test_no_service_imports_another() -> None:
 
 
 def test_db_imports_nothing_above_it() -> None:
-    above = ("syncworker.daemon", "syncworker.cli", "syncworker.http", "syncworker.worker")
+    above = (
+        "syncworker.daemon",
+        "syncworker.cli",
+        "syncworker.http",
+        "syncworker.web",
+        "syncworker.worker",
+    )
     for path in sorted((PACKAGE / "db").rglob("*.py")) if (PACKAGE / "db").exists() else []:
         bad = {m for m in imports(path) if m.startswith(above)}
         assert not bad, f"{module(path)} imports {sorted(bad)}"

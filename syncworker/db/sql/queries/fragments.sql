@@ -61,3 +61,12 @@ id, job, scope, status, source, triggered_by,
 scheduled_for, requested_at, started_at, finished_at, duration_ms, attempt, max_attempts,
 triggers, worker_id, current_step, records_total, records_processed, records_inserted,
 records_updated, records_deleted, records_errored, error, not_before
+
+-- fragment: list_runs_page
+-- The filters, cursor and order of list_runs (with and without payload).
+FROM {s}.runs
+WHERE (%(job)s::text IS NULL OR job = %(job)s)
+  AND (%(scope)s::text IS NULL OR scope = %(scope)s)
+  AND (%(status)s::text IS NULL OR status = %(status)s)
+  AND (%(before)s::bigint IS NULL OR id < %(before)s)
+ORDER BY id DESC LIMIT %(limit)s

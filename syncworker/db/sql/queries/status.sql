@@ -83,3 +83,29 @@ WHERE n.nspname = %(schema)s AND c.relname = 'actions';
 -- The latest operators' actions (pause, resume, cancel), newest first.
 SELECT id, at, actor, action, job, scope, run_id, detail
 FROM {s}.actions ORDER BY id DESC LIMIT 20;
+
+-- name: list_runs :many
+-- A page of runs for the HTTP API, newest first: optional job, scope and
+-- status filters, and a cursor (ids below %(before)s). runs_by_job serves a
+-- job's page; the primary key the rest.
+SELECT
+-- include: run_columns_before_payload
+payload,
+-- include: run_columns_after_payload
+-- include: list_runs_page
+;
+
+-- name: list_runs_no_payload :many
+-- list_runs, for a role granted every column of runs but payload (sql/007).
+SELECT
+-- include: run_columns_before_payload
+-- include: run_columns_after_payload
+-- include: list_runs_page
+;
+
+-- name: run_steps :many
+-- A run's steps, every attempt's, in the order they ran.
+SELECT id, attempt, position, name, status, started_at, finished_at, duration_ms,
+    records_total, records_processed, records_inserted, records_updated, records_deleted,
+    records_errored, error
+FROM {s}.run_steps WHERE run_id = %(id)s ORDER BY attempt, position;
