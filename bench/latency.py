@@ -14,6 +14,7 @@ work drifts by tens of percent within minutes, and both sides see the same.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,10 +47,15 @@ COLD_PAUSE = 1.5
 # idles for milliseconds takes a while to wake, and every hop (bench ->
 # PostgreSQL -> listener -> worker -> PostgreSQL -> worker) pays for it.
 WARM_PAUSE = 0.001
+# What the apps in shared/seeds/ send with a trigger: a small JSON object.
+PAYLOAD = '{"order_id": 48213, "tenant": "acme", "event": "order.updated"}'
 LABELS = {
-    "sql": "SELECT syncworker.trigger() -> step",
-    "trigger_sync": "trigger_sync() -> step",
-    "notify": "NOTIFY sync_trigger -> step",
+    "sql payload": "SELECT syncworker.trigger(..., payload) -> step",
+    "notify payload": "NOTIFY sync_trigger, JSON with payload -> step",
+    "trigger_sync payload": "trigger_sync(payload=...) -> step",
+    "sql": "SELECT syncworker.trigger() -> step (no payload)",
+    "trigger_sync": "trigger_sync() -> step (no payload)",
+    "notify": "NOTIFY sync_trigger -> step (no payload)",
 }
 
 
@@ -105,6 +111,28 @@ def measure(server: Server, cfg: Config) -> dict[str, list[float]]:
                     conn.execute("NOTIFY sync_trigger, 'ping'")
                     return began
 
+                def by_sql_payload() -> int:
+                    began = time.time_ns()
+                    conn.execute(
+                        "SELECT * FROM syncworker.trigger('ping', payload => %s::jsonb)",
+                        (PAYLOAD,),
+                    )
+                    return began
+
+                notify_payload = PAYLOAD.replace("{", '{"job": "ping", ', 1)
+
+                def by_notify_payload() -> int:
+                    began = time.time_ns()
+                    conn.execute("SELECT pg_notify('sync_trigger', %s)", (notify_payload,))
+                    return began
+
+                async def api_payload() -> int:
+                    began = time.time_ns()
+                    await trigger_sync(aconn, "ping", source="bench", payload=payload_doc)
+                    return began
+
+                payload_doc = json.loads(PAYLOAD)
+
                 async def api() -> int:
                     began = time.time_ns()
                     await trigger_sync(aconn, "ping", source="bench")
@@ -122,6 +150,12 @@ def measure(server: Server, cfg: Config) -> dict[str, list[float]]:
                     pc_poll, "SELECT status = 'succeeded' FROM procrastinate_jobs WHERE id = %s"
                 )
                 kinds: dict[str, tuple[Callable[[], int], Callable[[int], None]]] = {
+                    "sql payload": (by_sql_payload, sw_settle),
+                    "notify payload": (by_notify_payload, sw_settle),
+                    "trigger_sync payload": (
+                        lambda: loop.run_until_complete(api_payload()),
+                        sw_settle,
+                    ),
                     "sql": (by_sql, sw_settle),
                     "trigger_sync": (lambda: loop.run_until_complete(api()), sw_settle),
                     "notify": (by_notify, sw_settle),

@@ -297,16 +297,24 @@ def test_a_payload_never_goes_out_on_the_wake_channel(database_url, tmp_path, st
     daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
     with psycopg.connect(database_url, autocommit=True) as listener:
         listener.execute("LISTEN syncworker_wake")
+        _idle(database_url, daemon)
         run_id = trigger(database_url, "solo", secret="s3cr3t-value")
-        assert daemon.wait_for("run_started", run_id=run_id)["via"] == "claim"
+        # Reserved like a trigger without a payload (014): the wake names
+        # the worker and the run, and the worker reads the payload from the
+        # row its claim returns.
+        assert daemon.wait_for("run_started", run_id=run_id)["via"] == "reservation"
         heard = []
-        # Until the wake-up trigger() sends at commit: it went out before the
-        # run started, so it is there to read.
+        # Until the reservation trigger() sends at commit: it went out before
+        # the run started, so it is there to read.
         for n in listener.notifies(timeout=10.0):
             heard.append(n.payload)
-            if n.payload == "solo":
+            if f'"id" : {run_id}' in n.payload:
                 break
-    assert heard[-1:] == ["solo"] and not any("s3cr3t-value" in p for p in heard), heard
+    assert f'"id" : {run_id}' in heard[-1], heard
+    assert not any("s3cr3t-value" in p for p in heard), heard
+    daemon.wait_for("run_succeeded", run_id=run_id)
+    [(payload,)] = query(database_url, "SELECT payload FROM test_log WHERE run_id = %s", (run_id,))
+    assert payload == {"secret": "s3cr3t-value"}  # the step had it all the same
     assert daemon.stop() == 0
 
 

@@ -43,6 +43,7 @@ MIGRATION_SHA256 = {
     "011_cancel.sql": "a09ebf6b2b0aace8600156e5d6c25c49359f06a876fd3d7914caaf53362f2a4b",
     "012_delayed_triggers.sql": "1a6e1ceb92a2c978b5b2aaf43ad8d72b180a39513439e366dff553288f64bb3f",
     "013_backfill.sql": "88f87342237e91b6f4d4a176b1cb140eaba0bf227588237a1d46a99d25b75b3d",
+    "014_payloads_reserved_too.sql": "642922a33733beb5d4f5d6ade7f26964da997980410257b6f0b35e8ddfde3036",
 }
 
 # ACLs as (grantee, privilege, grantable), a NULL ACL as the default it stands

@@ -2,7 +2,7 @@
 -- run_after): the one way runs are requested (001; reservations from 005,
 -- one write per trigger from 006, a two-field wake from 007, each worker's
 -- own lease from 009, pauses from 010, delays from 012, backfill runs apart
--- from 013).
+-- from 013, payloads reserved too from 014).
 --
 -- The CLI, the Python API, the worker's cron fires and NOTIFY triggers all
 -- come through here, so validation and coalescing live in one place: an
@@ -11,11 +11,12 @@
 -- (ON CONFLICT on runs_one_pending_per_key) and gets its id back. Returns
 -- one row per run created or joined.
 --
--- A single new run without a payload, of a key with nothing pending or
--- running, is written reserved for a live worker that runs the job with a
--- slot free (alive: its liveness lock is held and its heartbeat younger than
--- its takeover_after), the least busy first, and the wake names only the
--- worker and the run. The key's transaction advisory lock is taken first:
+-- A single new run of a key with nothing pending or running, payload or
+-- not, is written reserved for a live worker that runs the job with a slot
+-- free (alive: its liveness lock is held and its heartbeat younger than its
+-- takeover_after), the least busy first, and the wake names only the worker
+-- and the run: any role may LISTEN to the wake channel, so the payload stays
+-- in the table, and the worker reads it from the row its claim returns. The key's transaction advisory lock is taken first:
 -- the reads decide the write, and of two deciding on one key the second
 -- reads after the first commits. Under REPEATABLE READ or SERIALIZABLE no
 -- reservation is made. Otherwise the job's name goes out on the wake channel
@@ -114,8 +115,7 @@ BEGIN
             USING ERRCODE = '22023', HINT = 'scopes: ' || array_to_string(j.scopes, ', ');
     END IF;
 
-    reservable := cardinality(scope_list) = 1 AND trigger.payload = '{}'::jsonb
-        AND start_at IS NULL
+    reservable := cardinality(scope_list) = 1 AND start_at IS NULL
         AND current_setting('transaction_isolation') = 'read committed';
 
     FOREACH one_scope IN ARRAY scope_list LOOP
@@ -143,11 +143,10 @@ BEGIN
             CONTINUE;
         END IF;
 
-        -- One run, without a payload (its notification goes out on a channel
-        -- any role may LISTEN to), of a key with nothing pending or running:
-        -- reserved for a live worker that runs the job with a slot free,
-        -- counting the runs it has and those reserved for it, the least busy
-        -- first. The key's lock first: the reads below decide the write.
+        -- One run of a key with nothing pending or running: reserved for a
+        -- live worker that runs the job with a slot free, counting the runs
+        -- it has and those reserved for it, the least busy first. The key's
+        -- lock first: the reads below decide the write.
         taker := NULL;
         IF reservable THEN
             PERFORM pg_advisory_xact_lock(
