@@ -311,3 +311,33 @@ def test_only_a_granted_role_may_backfill(database_url, tmp_path):
         ]
     finally:
         made.drop_all()
+
+
+COOPERATIVE = """
+[jobs.report]
+schedule = "*/10 * * * *"
+steps = ["sw_testjobs:cooperative"]
+"""
+
+
+def test_a_drained_backfill_run_goes_back_beside_the_others(database_url, tmp_path, start):
+    """SIGTERM while a backfill run works: it is redone later, not cancelled
+    for the other fires pending behind it (they are not its follow-ups)."""
+    daemon = start(write_config(tmp_path / "c.toml", database_url, COOPERATIVE))
+    done = cli(
+        "backfill",
+        "report",
+        "--from",
+        FROM,
+        "--to",
+        "2026-12-01T00:20+00:00",
+        "--config",
+        str(daemon.config),
+    )
+    assert done.returncode == 0, done.stderr
+    first = backfill_runs(database_url, "report")[0][0]
+    daemon.wait_for("run_started", run_id=first, timeout=10)
+    assert daemon.stop() == 0
+    statuses = [(f, s) for _, _, f, s in backfill_runs(database_url, "report")]
+    assert statuses == [(f, "pending") for f in FIRES[:3]], statuses
+    assert_invariants(database_url, pending_ok=True)

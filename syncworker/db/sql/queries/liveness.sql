@@ -43,17 +43,18 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
 -- A run is orphaned when its worker no longer holds its liveness lock (the
 -- session died: kill -9, host loss, lost connection), has stopped, has no
 -- row, or stopped heartbeating (fragment worker_gone). It goes back to pending
--- while it has attempts left and no follow-up is already pending, else it
--- fails. Runs recorded under this worker but not in flight here are orphans
+-- while it has attempts left and no follow-up is already pending (a backfill
+-- run has none: it waits beside the others, one per fire), else it fails. Runs recorded under this worker but not in flight here are orphans
 -- too: their final write was lost in a database outage. A run an operator
 -- cancelled (cancels) is never retried: it ends cancelled, as its owner would
 -- have ended it.
 WITH lost AS (
     SELECT r.id,
-           c.run_id IS NULL AND r.attempt < r.max_attempts AND NOT EXISTS (
-               SELECT 1 FROM {s}.runs p
-               WHERE p.status = 'pending' AND p.job = r.job
-                 AND coalesce(p.scope, '') = coalesce(r.scope, '')) AS retry,
+           c.run_id IS NULL AND r.attempt < r.max_attempts AND (
+               r.source = 'backfill' OR NOT EXISTS (
+                   SELECT 1 FROM {s}.runs p
+                   WHERE p.status = 'pending' AND p.source <> 'backfill' AND p.job = r.job
+                     AND coalesce(p.scope, '') = coalesce(r.scope, ''))) AS retry,
            CASE WHEN c.run_id IS NOT NULL
                 THEN 'cancelled by ' || c.requested_by || coalesce(': ' || c.reason, '')
            END AS cancelled

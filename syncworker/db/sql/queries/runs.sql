@@ -80,7 +80,10 @@ RETURNING r.id;
 -- name: requeue_run :one
 -- Give an interrupted run back: pending, or cancelled when a follow-up of its key is pending.
 -- The attempt number stays: it keys the attempt's run_steps rows, and the
--- next claim starts a new attempt (always at least one more try).
+-- next claim starts a new attempt (always at least one more try). A
+-- backfill run waits beside its key's other pending runs, one per fire
+-- (runs_one_pending_per_key leaves them out), so it always goes back; only
+-- a pending run of the index's kind stands in for any other.
 UPDATE {s}.runs AS r
 SET status = CASE WHEN f.has_pending THEN 'cancelled' ELSE 'pending' END,
     finished_at = CASE WHEN f.has_pending THEN now() END,
@@ -91,7 +94,8 @@ SET status = CASE WHEN f.has_pending THEN 'cancelled' ELSE 'pending' END,
     current_step = NULL, error = %(error)s
 FROM (SELECT EXISTS (
         SELECT 1 FROM {s}.runs p, {s}.runs me
-        WHERE me.id = %(id)s AND p.status = 'pending' AND p.job = me.job
+        WHERE me.id = %(id)s AND me.source <> 'backfill'
+          AND p.status = 'pending' AND p.source <> 'backfill' AND p.job = me.job
           AND coalesce(p.scope, '') = coalesce(me.scope, ''))
       AS has_pending) AS f
 WHERE
