@@ -251,6 +251,7 @@ def test_bad_backfills_are_refused_and_write_nothing(database_url, tmp_path):
         for fires, says in [
             ("ARRAY[now() + interval '1 hour']", "is not a past time"),
             ("ARRAY[NULL]::timestamptz[]", "is not a past time"),
+            ("ARRAY['0044-03-15 00:00+00 BC']::timestamptz[]", "is not a past time since 1900"),
             ("'{}'::timestamptz[]", "no fires given"),
             ("array_fill(now() - interval '1 day', ARRAY[10001])", "at most 10000"),
         ]:

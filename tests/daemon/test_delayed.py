@@ -223,6 +223,9 @@ def test_bad_delays_are_refused_and_change_nothing(database_url, tmp_path, start
             psycopg.errors.InvalidParameterValue, match="run_after must not be negative"
         ):
             conn.execute("SELECT syncworker.trigger('solo', run_after => interval '-5 seconds')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="at most 3650 days"):
+            # now() + it would be a time no worker could read back
+            conn.execute("SELECT syncworker.trigger('solo', run_after => interval '10000 years')")
         with pytest.raises(TriggerError, match="run_after must not be negative"):
             trigger_sync_blocking(conn, "solo", run_after=-1)
     for bad in ("-5s", "soon", "0"):

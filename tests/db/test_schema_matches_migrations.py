@@ -42,8 +42,8 @@ MIGRATION_SHA256 = {
     "010_pause_and_resume.sql": "0b80eef0637d3188e606011fac8e31ec36a591dd5a8e0542ae74e8c0d35659d3",
     "011_cancel.sql": "a09ebf6b2b0aace8600156e5d6c25c49359f06a876fd3d7914caaf53362f2a4b",
     "012_delayed_triggers.sql": "1a6e1ceb92a2c978b5b2aaf43ad8d72b180a39513439e366dff553288f64bb3f",
-    "013_backfill.sql": "88f87342237e91b6f4d4a176b1cb140eaba0bf227588237a1d46a99d25b75b3d",
-    "014_payloads_reserved_too.sql": "642922a33733beb5d4f5d6ade7f26964da997980410257b6f0b35e8ddfde3036",
+    "013_backfill.sql": "18cc6465f5c0e3af9791aa4e684894f1050b1345103ca752993b8095dd588aa7",
+    "014_payloads_reserved_too.sql": "686c2c3e53899910276f99ebc5f14d841565cc54a4c8fddb83c8c3f8839fa8e8",
 }
 
 # ACLs as (grantee, privilege, grantable), a NULL ACL as the default it stands

@@ -406,9 +406,11 @@ BEGIN
     END IF;
     SELECT f INTO bad FROM unnest(backfill.fires) f
     WHERE f IS NULL OR NOT isfinite(f) OR f > now() + interval '1 second'
+       -- A time every worker can read back (Python's datetime ends at year 1).
+       OR f < '1900-01-01 00:00+00'
     LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'syncworker: fire % is not a past time: backfill queues fires that are due',
+        RAISE EXCEPTION 'syncworker: fire % is not a past time since 1900: backfill queues fires that are due',
             coalesce(bad::text, 'NULL') USING ERRCODE = '22023';
     END IF;
 

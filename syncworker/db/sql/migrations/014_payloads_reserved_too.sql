@@ -63,6 +63,11 @@ BEGIN
         RAISE EXCEPTION 'syncworker: run_after must not be negative, got %', trigger.run_after
             USING ERRCODE = '22023';
     END IF;
+    IF trigger.run_after > interval '3650 days' THEN
+        -- As for pauses; and now() + it must stay a time every worker can read.
+        RAISE EXCEPTION 'syncworker: run_after % is too long: at most 3650 days',
+            trigger.run_after USING ERRCODE = '22023';
+    END IF;
     delay := greatest(
         trigger.run_after,
         CASE WHEN trigger.scheduled_for IS NULL AND j.debounce > 0

@@ -5,8 +5,9 @@
 -- caller (the CLI and control.backfill from jobs.schedule; the worker for
 -- misfire = "all"): SQL cannot read cron, so the function checks only what
 -- it can, an enabled job, its scopes as trigger() does, at most 10000 fires,
--- none NULL, infinite or in the future (a future fire's run would take the
--- fire's one slot, runs_one_per_cron_fire). A scope NULL of a job with
+-- none NULL, infinite, before 1900 (a time every worker can read back) or in
+-- the future (a future fire's run would take the fire's one slot,
+-- runs_one_per_cron_fire). A scope NULL of a job with
 -- scopes is every scope. Each run is `pending` with source 'backfill' and
 -- scheduled_for its fire, inserted oldest fire first so that the claim's
 -- walk in id order runs them oldest first, one at a time per key
@@ -73,9 +74,11 @@ BEGIN
     END IF;
     SELECT f INTO bad FROM unnest(backfill.fires) f
     WHERE f IS NULL OR NOT isfinite(f) OR f > now() + interval '1 second'
+       -- A time every worker can read back (Python's datetime ends at year 1).
+       OR f < '1900-01-01 00:00+00'
     LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'syncworker: fire % is not a past time: backfill queues fires that are due',
+        RAISE EXCEPTION 'syncworker: fire % is not a past time since 1900: backfill queues fires that are due',
             coalesce(bad::text, 'NULL') USING ERRCODE = '22023';
     END IF;
 
