@@ -7,6 +7,7 @@ caller's own work, like an outbox.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from psycopg.types.json import Jsonb
 
 from syncworker.db.queries import for_schema
 from syncworker.db.rows import TriggeredForCaller
+from syncworker.triggers import MAX_RUN_AFTER
 
 _ROW = class_row(TriggeredForCaller)
 
@@ -38,6 +40,10 @@ def _calls(
     """The parameters of one trigger() call per scope asked for."""
     if scope is not None and scopes is not None:
         raise TypeError("give scope or scopes, not both")
+    if isinstance(run_after, int | float) and not (
+        math.isfinite(run_after) and 0 <= run_after <= MAX_RUN_AFTER
+    ):
+        raise TriggerError(f"run_after must be a number of seconds from 0 to {MAX_RUN_AFTER:.0f}")
     delay = timedelta(seconds=run_after) if isinstance(run_after, int | float) else run_after
     chosen = list(dict.fromkeys(scopes)) if scopes is not None else [scope]
     body = Jsonb(dict(payload or {}))

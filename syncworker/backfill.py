@@ -23,6 +23,8 @@ from syncworker.db.rows import Backfilled, BackfillJob
 # The most fires backfill() takes in one call, --force or not (18_backfill.sql).
 MAX_FIRES = 10000
 _TICK = timedelta(microseconds=1)
+# backfill() takes no fire before it (18_backfill.sql).
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ async def backfill(
     one. A window of more fires than the job's misfire_limit needs `force`.
     Raises ControlError naming what was wrong, having written nothing."""
     start, end = _aware(start), min(_aware(end), datetime.now(UTC))
+    if start < EARLIEST:
+        raise ControlError(f"the window starts at {start.isoformat()}: give a time after 1900")
     if start > end:
         raise ControlError(
             f"the window starts at {start.isoformat()}, after it ends at {end.isoformat()}"

@@ -3,23 +3,45 @@ work) and `backfill` (backfill.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated
 
+import psycopg
 import typer
 
 from syncworker.backfill import Backfill, backfill
 from syncworker.cliutil import (
+    EX_CONFIG,
+    NOT_SET_UP,
     ConfigOpt,
     DatabaseOpt,
     connect,
     fail,
+    me,
     run_async,
     settings_for,
 )
+from syncworker.config import Settings
 from syncworker.control import ControlError, cancel, pause, resume
 from syncworker.durations import DurationError, parse_duration, parse_time
+
+
+@contextlib.asynccontextmanager
+async def set_up(settings: Settings) -> AsyncIterator[None]:
+    """A database never migrated (or an older schema without the function):
+    say what to run, as `status` does, not a traceback."""
+    try:
+        yield
+    except (
+        psycopg.errors.UndefinedTable,
+        psycopg.errors.InvalidSchemaName,
+        psycopg.errors.UndefinedFunction,
+    ):
+        fail(EX_CONFIG, NOT_SET_UP.format(settings.schema, me()))
+
 
 ScopeOpt = Annotated[str | None, typer.Option("--scope", "-s", help="Only this scope of the job.")]
 
@@ -65,7 +87,7 @@ def pause_command(
 
     async def go() -> dict[str, object]:
         conn = await connect(settings)
-        async with conn:
+        async with conn, set_up(settings):
             try:
                 hold = await pause(
                     conn, job, scope, until=ends, reason=reason, by=by, schema=settings.schema
@@ -105,7 +127,7 @@ def resume_command(
 
     async def go() -> bool:
         conn = await connect(settings)
-        async with conn:
+        async with conn, set_up(settings):
             try:
                 return await resume(conn, job, scope, by=by, schema=settings.schema)
             except ControlError as exc:
@@ -131,7 +153,7 @@ def cancel_command(
 
     async def go() -> str:
         conn = await connect(settings)
-        async with conn:
+        async with conn, set_up(settings):
             try:
                 return await cancel(
                     conn,
@@ -190,7 +212,7 @@ def backfill_command(
 
     async def go() -> Backfill:
         conn = await connect(settings)
-        async with conn:
+        async with conn, set_up(settings):
             try:
                 return await backfill(
                     conn, job, start, end, scope=scope, force=force, by=by, schema=settings.schema

@@ -75,9 +75,19 @@ class Scheduler:
         # When the soonest wait ends by itself (a hold's until, a delayed
         # run's not_before), as last read.
         self._release: datetime | None = None
+        # A {"delayed"} wake heard since the last pass (delayed()).
+        self._delay_heard = False
 
     def reschedule(self) -> None:
         """Pass again now: the jobs or the database changed."""
+        self._reschedule.set()
+
+    def delayed(self) -> None:
+        """A run was delayed (a {"delayed"} wake): pass again now, and wake the
+        executor after the pass's read. A not_before that passed before the
+        read (a short delay, a late commit) is not in the read: the claim
+        then finds it; one after the read is in it."""
+        self._delay_heard = True
         self._reschedule.set()
 
     @property
@@ -138,11 +148,12 @@ class Scheduler:
                 await self._fire(name, job, due, now, last)
                 self._fire_cursor[name] = due
             upcoming[name] = schedule.next_fire(job.schedule, zone, now)
+        heard, self._delay_heard = self._delay_heard, False
         async with self._connect() as conn:
             await self._store.set_next_fire(conn, upcoming)
             release = await self._store.next_release(conn)
         self._next_fires = upcoming
-        if self._release is not None and self._release != release:
+        if heard or (self._release is not None and self._release != release):
             # The end we knew of passed (by our clock or only by the
             # database's, a moment later) or was lifted: the runs it kept
             # waiting may start.

@@ -365,7 +365,7 @@ class Worker:
             self._scheduler.reschedule()  # when the next hold ends
             self._executor.wake()
         elif is_delay(notify.payload):
-            self._scheduler.reschedule()  # when the soonest delayed run may start
+            self._scheduler.delayed()  # when the soonest delayed run may start
         elif (cancelled := cancelled_run_id(notify.payload)) is not None:
             self._executor.cancel_requested(cancelled)
         elif is_reservation(notify.payload):

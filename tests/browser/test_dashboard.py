@@ -86,6 +86,25 @@ def click(driver: Any, selector: str) -> None:
     wait(driver, press, f"a button at {selector}")
 
 
+def choose(driver: Any, selector: str, value: str) -> None:
+    """Pick an option as a user would, again if a redraw replaced the
+    select first (the job rows are redrawn as events arrive)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import Select
+
+    def pick(d: Any) -> bool:
+        node = one(d, selector)
+        if node is None:
+            return False
+        try:
+            Select(node).select_by_value(value)
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    wait(driver, pick, f"an option {value!r} at {selector}")
+
+
 def share(driver: Any) -> int | None:
     """The first progress bar's percentage, read in one go (the cards are
     redrawn at each progress event, so a held element goes stale)."""
@@ -169,10 +188,7 @@ def test_the_dashboard_shows_the_worker_and_acts_live(
     assert browser.execute_script("return sessionStorage.getItem('syncworker.token')") == TOKEN
 
     # Run now (one scope) with live progress.
-    select = one(browser, 'select[data-scope-for="orders"]')
-    from selenium.webdriver.support.ui import Select
-
-    Select(select).select_by_value("US")
+    choose(browser, 'select[data-scope-for="orders"]', "US")
     click(browser, '#jobs tr[data-job="orders"] button[data-action="run"]')
     wait(browser, lambda d: "orders / US" in text_of(d, ".progress-card"), "a progress card")
     shares = set()
@@ -188,7 +204,7 @@ def test_the_dashboard_shows_the_worker_and_acts_live(
 
     # Pause a scope, with a reason written as markup: shown as text.
     click(browser, '#jobs tr[data-job="orders"] button[data-action="pause"]')
-    Select(one(browser, "#pause-scope")).select_by_value("EU")
+    choose(browser, "#pause-scope", "EU")
     one(browser, "#pause-reason").send_keys("vendor <img src=x onerror=alert(1)> upgrade")
     click(browser, "#pause-ok")
     wait(

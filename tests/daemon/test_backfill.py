@@ -236,10 +236,15 @@ def test_bad_backfills_are_refused_and_write_nothing(database_url, tmp_path):
         # 7 fires, more than misfire_limit = 6.
         (["report", "--from", FROM, "--to", "2026-12-01T01:00+00:00"], 1, "misfire_limit"),
     ]
+    cases.append((["report", "--from", "0001-01-01T00:00+00:00", "--to", TO], 1, "after 1900"))
     for args, code, says in cases:
         refused = cli("backfill", *args, *c)
         assert refused.returncode == code, (args, refused.stdout, refused.stderr)
         assert says in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    never = write_config(tmp_path / "never.toml", database_url, WINDOWED, schema="sw_never_made")
+    unset = cli("backfill", "report", "--from", FROM, "--to", TO, "--config", str(never))
+    assert unset.returncode == 78 and "migrate" in unset.stderr, unset.stderr
+    assert "Traceback" not in unset.stderr
     assert query(database_url, "SELECT count(*) FROM syncworker.runs") == [(0,)]
     assert query(database_url, "SELECT count(*) FROM syncworker.actions") == [(0,)]
     forced = cli(

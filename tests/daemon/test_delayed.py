@@ -226,7 +226,7 @@ def test_bad_delays_are_refused_and_change_nothing(database_url, tmp_path, start
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="at most 3650 days"):
             # now() + it would be a time no worker could read back
             conn.execute("SELECT syncworker.trigger('solo', run_after => interval '10000 years')")
-        with pytest.raises(TriggerError, match="run_after must not be negative"):
+        with pytest.raises(TriggerError, match="run_after must be a number of seconds from 0"):
             trigger_sync_blocking(conn, "solo", run_after=-1)
     for bad in ("-5s", "soon", "0"):
         refused = cli("trigger", "solo", "--after", bad, "--config", config)
@@ -254,3 +254,35 @@ def test_the_README_names_the_new_grant(tmp_path: Path) -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert "syncworker.trigger(text, text, text, text, jsonb, timestamptz, interval)" in readme
     assert "trigger(text, text, text, text, jsonb, timestamptz) TO" not in readme
+
+
+def test_a_cron_fire_joining_a_delayed_run_waits_for_no_delay(database_url, tmp_path):
+    config = write_config(tmp_path / "c.toml", database_url, JOBS)
+    assert cli("migrate", "--config", str(config)).returncode == 0
+    run_id, _ = delayed(database_url, "hook", 3600)
+    [(joined, created)] = query(
+        database_url,
+        "SELECT * FROM syncworker.trigger('hook', source => 'cron', scheduled_for => now())",
+    )
+    assert (joined, created) == (run_id, False)
+    assert query(
+        database_url, "SELECT not_before FROM syncworker.runs WHERE id = %s", (run_id,)
+    ) == [(None,)]
+
+
+def test_a_delay_that_ends_before_its_commit_starts_at_the_commit(database_url, tmp_path, start):
+    """The {"delayed"} wake comes at commit, when this not_before has passed
+    already: the read of the next start does not see it, the claim after it
+    does (not the heartbeat's safety net, 10 s away here)."""
+    daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS, heartbeat_interval=40))
+    with psycopg.connect(database_url) as conn:
+        [(run_id, _)] = conn.execute(
+            "SELECT * FROM syncworker.trigger('solo', run_after => interval '1 second')"
+        ).fetchall()
+        time.sleep(1.5)
+        conn.commit()
+        [(committed,)] = conn.execute("SELECT clock_timestamp()").fetchall()
+    daemon.wait_for("run_succeeded", run_id=run_id, timeout=15)
+    late = (started_at(database_url, run_id) - committed).total_seconds()
+    assert late < 1.0, late
+    assert daemon.stop() == 0

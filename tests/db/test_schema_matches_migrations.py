@@ -42,8 +42,8 @@ MIGRATION_SHA256 = {
     "010_pause_and_resume.sql": "0b80eef0637d3188e606011fac8e31ec36a591dd5a8e0542ae74e8c0d35659d3",
     "011_cancel.sql": "a09ebf6b2b0aace8600156e5d6c25c49359f06a876fd3d7914caaf53362f2a4b",
     "012_delayed_triggers.sql": "1a6e1ceb92a2c978b5b2aaf43ad8d72b180a39513439e366dff553288f64bb3f",
-    "013_backfill.sql": "18cc6465f5c0e3af9791aa4e684894f1050b1345103ca752993b8095dd588aa7",
-    "014_payloads_reserved_too.sql": "686c2c3e53899910276f99ebc5f14d841565cc54a4c8fddb83c8c3f8839fa8e8",
+    "013_backfill.sql": "9065f322366b475b77aba029f77942c3e93c76e7bec85a09fdf3230e0c678e31",
+    "014_payloads_reserved_too.sql": "c826e4cd8d483c23ad1362b2e14dc1327152ff6aaf9c39eb40801883c1bce53c",
 }
 
 # ACLs as (grantee, privilege, grantable), a NULL ACL as the default it stands

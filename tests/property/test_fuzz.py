@@ -85,8 +85,9 @@ ENABLED: dict[str, tuple[str, ...] | None] = {
 DISABLED = ("off", "off_scoped")
 KNOWN_JOBS = (*ENABLED, *DISABLED)
 SCOPES = ("RIO", "SAO")
-RESERVED = ("job", "scope", "scopes", "source", "triggered_by")
+RESERVED = ("job", "scope", "scopes", "source", "triggered_by", "run_after")
 TEXT_LIMIT = 200  # source / triggered_by, in characters (implementation's rule)
+MAX_RUN_AFTER = 3650 * 86400  # seconds a NOTIFY may delay its run (as a pause: 3650 days)
 NOTIFY_LIMIT = 8000  # PostgreSQL refuses payloads of this many bytes or more
 # JSON nested deeper than this many levels of [ and { is refused (the
 # worker's MAX_DEPTH; the SPEC is silent), so no code recursing over it sees it.
@@ -232,6 +233,15 @@ def expect(raw: str) -> Verdict:
         value = doc.get(key)
         if value is not None and not (isinstance(value, str) and len(value) <= TEXT_LIMIT):
             return REJECT
+    if doc.get("source") == "backfill":  # reserved for backfill() (SPEC "Backfill")
+        return REJECT
+    delay = doc.get("run_after")
+    if delay is not None and (
+        isinstance(delay, bool)
+        or not isinstance(delay, int | float)
+        or not 0 <= delay <= MAX_RUN_AFTER
+    ):
+        return REJECT
 
     def accept(keys: frozenset[Key]) -> Verdict:
         return Verdict(keys, text, doc.get("source") or "notify", doc.get("triggered_by"))
@@ -1078,6 +1088,10 @@ def valid_documents(draw: st.DrawFn) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     for key in draw(st.lists(st.sampled_from(list(TOP_VALID)), unique=True, max_size=9)):
         doc[key] = draw(TOP_VALID[key])
+    if doc.get("channel", "sync_trigger") == doc.get("events_channel", "sync_events"):
+        # The two channels must differ (config.py): one such document is bad.
+        doc.pop("channel", None)
+        doc.pop("events_channel", None)
     if draw(st.booleans()):
         doc["jobs"] = draw(st.dictionaries(JOB_NAME, valid_jobs(), max_size=3))
     return doc

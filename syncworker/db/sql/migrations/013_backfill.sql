@@ -34,6 +34,8 @@ DROP INDEX __SCHEMA__.runs_one_pending_per_key;
 CREATE UNIQUE INDEX runs_one_pending_per_key
     ON __SCHEMA__.runs (job, (coalesce(scope, '')))
     WHERE status = 'pending' AND source <> 'backfill';
+CREATE INDEX runs_backfill_pending ON __SCHEMA__.runs (job, (coalesce(scope, '')), scheduled_for)
+    WHERE status = 'pending' AND source = 'backfill';
 
 -- claimable(), as in db/sql/schema/.
 CREATE OR REPLACE FUNCTION __SCHEMA__.claimable(jobs text[]) RETURNS SETOF bigint
@@ -45,15 +47,20 @@ AS $fn$
     SELECT p.id FROM __SCHEMA__.runs p
     WHERE p.status = 'pending' AND p.job = ANY(jobs) AND p.reserved_for IS NULL
       AND (p.not_before IS NULL OR p.not_before <= now())
-      AND NOT EXISTS (
-          SELECT 1 FROM __SCHEMA__.runs x
-          WHERE x.status = 'running' AND x.job = p.job
-            AND coalesce(x.scope, '') = coalesce(p.scope, ''))
-      AND (p.source <> 'backfill' OR NOT EXISTS (
-          SELECT 1 FROM __SCHEMA__.runs o
-          WHERE o.status = 'pending' AND o.source = 'backfill' AND o.job = p.job
-            AND coalesce(o.scope, '') = coalesce(p.scope, '')
-            AND o.scheduled_for < p.scheduled_for))
+      -- In this order (a CASE): the earlier-fire test is made only for a
+      -- key that is not running, or a backlog of one key's fires would
+      -- each run it while that key runs.
+      AND CASE WHEN EXISTS (
+                   SELECT 1 FROM __SCHEMA__.runs x
+                   WHERE x.status = 'running' AND x.job = p.job
+                     AND coalesce(x.scope, '') = coalesce(p.scope, ''))
+               THEN false
+               WHEN p.source = 'backfill' THEN NOT EXISTS (
+                   SELECT 1 FROM __SCHEMA__.runs o
+                   WHERE o.status = 'pending' AND o.source = 'backfill' AND o.job = p.job
+                     AND coalesce(o.scope, '') = coalesce(p.scope, '')
+                     AND o.scheduled_for < p.scheduled_for)
+               ELSE true END
       AND NOT EXISTS (
           SELECT 1 FROM __SCHEMA__.pauses h
           WHERE h.job = p.job AND (h.scope IS NULL OR h.scope = p.scope)
@@ -417,8 +424,10 @@ BEGIN
     RETURN QUERY
     WITH queued_runs AS (
         INSERT INTO __SCHEMA__.runs AS r
-            (job, scope, status, source, triggered_by, scheduled_for, max_attempts)
-        SELECT j.name, s.one, 'pending', 'backfill', asker, f.at, j.retries + 1
+            (job, scope, status, source, triggered_by, scheduled_for, max_attempts, not_before)
+        -- A fire up to a second ahead (the clocks' slack) starts no sooner.
+        SELECT j.name, s.one, 'pending', 'backfill', asker, f.at, j.retries + 1,
+               CASE WHEN f.at > now() THEN f.at END
         FROM (SELECT DISTINCT at FROM unnest(backfill.fires) AS at) f,
              unnest(scope_list) AS s(one)
         WHERE NOT (backfill.skip_held AND EXISTS (

@@ -177,7 +177,9 @@ BEGIN
         ON CONFLICT (job, (coalesce(scope, ''))) WHERE status = 'pending' AND source <> 'backfill'
         DO UPDATE SET triggers = r.triggers + 1,
                       scheduled_for = coalesce(r.scheduled_for, excluded.scheduled_for),
-                      not_before = greatest(r.not_before, excluded.not_before),
+                      -- A cron fire is due now: it waits for no delay.
+                      not_before = CASE WHEN excluded.scheduled_for IS NULL
+                                        THEN greatest(r.not_before, excluded.not_before) END,
                       reserved_for = CASE WHEN excluded.not_before IS NULL
                                           THEN r.reserved_for END
         RETURNING r.id, (r.xmax = 0), coalesce(r.not_before > now(), false)

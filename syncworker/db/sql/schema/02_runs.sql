@@ -56,6 +56,9 @@ CREATE INDEX runs_active ON __SCHEMA__.runs (id) WHERE status IN ('pending', 'ru
 CREATE INDEX runs_by_job ON __SCHEMA__.runs (job, scope, id DESC);
 CREATE INDEX runs_reserved ON __SCHEMA__.runs (reserved_for) WHERE reserved_for IS NOT NULL;
 CREATE INDEX runs_running_by_worker ON __SCHEMA__.runs (worker_id) WHERE status = 'running';
+-- A key's backfill runs by fire: claimable()'s earlier-fire test (013).
+CREATE INDEX runs_backfill_pending ON __SCHEMA__.runs (job, (coalesce(scope, '')), scheduled_for)
+    WHERE status = 'pending' AND source = 'backfill';
 -- The soonest delayed run's start (next_release in db/sql/queries/pauses.sql).
 CREATE INDEX runs_delayed ON __SCHEMA__.runs (not_before)
     WHERE status = 'pending' AND not_before IS NOT NULL;

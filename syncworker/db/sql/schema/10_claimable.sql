@@ -27,15 +27,20 @@ AS $fn$
     SELECT p.id FROM __SCHEMA__.runs p
     WHERE p.status = 'pending' AND p.job = ANY(jobs) AND p.reserved_for IS NULL
       AND (p.not_before IS NULL OR p.not_before <= now())
-      AND NOT EXISTS (
-          SELECT 1 FROM __SCHEMA__.runs x
-          WHERE x.status = 'running' AND x.job = p.job
-            AND coalesce(x.scope, '') = coalesce(p.scope, ''))
-      AND (p.source <> 'backfill' OR NOT EXISTS (
-          SELECT 1 FROM __SCHEMA__.runs o
-          WHERE o.status = 'pending' AND o.source = 'backfill' AND o.job = p.job
-            AND coalesce(o.scope, '') = coalesce(p.scope, '')
-            AND o.scheduled_for < p.scheduled_for))
+      -- In this order (a CASE): the earlier-fire test is made only for a
+      -- key that is not running, or a backlog of one key's fires would
+      -- each run it while that key runs.
+      AND CASE WHEN EXISTS (
+                   SELECT 1 FROM __SCHEMA__.runs x
+                   WHERE x.status = 'running' AND x.job = p.job
+                     AND coalesce(x.scope, '') = coalesce(p.scope, ''))
+               THEN false
+               WHEN p.source = 'backfill' THEN NOT EXISTS (
+                   SELECT 1 FROM __SCHEMA__.runs o
+                   WHERE o.status = 'pending' AND o.source = 'backfill' AND o.job = p.job
+                     AND coalesce(o.scope, '') = coalesce(p.scope, '')
+                     AND o.scheduled_for < p.scheduled_for)
+               ELSE true END
       AND NOT EXISTS (
           SELECT 1 FROM __SCHEMA__.pauses h
           WHERE h.job = p.job AND (h.scope IS NULL OR h.scope = p.scope)

@@ -85,8 +85,10 @@ BEGIN
     RETURN QUERY
     WITH queued_runs AS (
         INSERT INTO __SCHEMA__.runs AS r
-            (job, scope, status, source, triggered_by, scheduled_for, max_attempts)
-        SELECT j.name, s.one, 'pending', 'backfill', asker, f.at, j.retries + 1
+            (job, scope, status, source, triggered_by, scheduled_for, max_attempts, not_before)
+        -- A fire up to a second ahead (the clocks' slack) starts no sooner.
+        SELECT j.name, s.one, 'pending', 'backfill', asker, f.at, j.retries + 1,
+               CASE WHEN f.at > now() THEN f.at END
         FROM (SELECT DISTINCT at FROM unnest(backfill.fires) AS at) f,
              unnest(scope_list) AS s(one)
         WHERE NOT (backfill.skip_held AND EXISTS (
