@@ -69,6 +69,15 @@ def test_a_server_turning_read_only_is_waited_out(database_url, tmp_path, start)
     daemon = start(write_config(tmp_path / "c.toml", database_url, JOBS))
     run_id = trigger(database_url, "slow", seconds=3)
     daemon.wait_for("run_started", run_id=run_id)
+    # The step's own first write (its line in test_log) made, so that what
+    # the read-only server refuses is the worker's writes, not the step's.
+    wait_until(
+        lambda: (
+            query(database_url, "SELECT count(*) FROM test_log WHERE run_id = %s", (run_id,))
+            == [(1,)]
+        ),
+        what="the step's first line",
+    )
     _read_only(database_url, True)
     # The worker rides it out: its writes fail as read-only and are retried.
     daemon.wait_for("heartbeat_failed", timeout=20)
