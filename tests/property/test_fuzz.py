@@ -733,7 +733,7 @@ class PayloadFuzz:
             FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS x(id, doc, source, by)
             JOIN syncworker.runs r ON r.id = x.id
             WHERE r.payload IS DISTINCT FROM
-                      (x.doc::jsonb - '{job,scope,scopes,source,triggered_by}'::text[])
+                      (x.doc::jsonb - '{job,scope,scopes,source,triggered_by,run_after}'::text[])
                OR r.source IS DISTINCT FROM x.source
                OR r.triggered_by IS DISTINCT FROM x.by
                OR r.scheduled_for IS NOT NULL
