@@ -149,9 +149,14 @@ class Scheduler:
                 self._fire_cursor[name] = due
             upcoming[name] = schedule.next_fire(job.schedule, zone, now)
         heard, self._delay_heard = self._delay_heard, False
-        async with self._connect() as conn:
-            await self._store.set_next_fire(conn, upcoming)
-            release = await self._store.next_release(conn)
+        try:
+            async with self._connect() as conn:
+                await self._store.set_next_fire(conn, upcoming)
+                release = await self._store.next_release(conn)
+        except BaseException:
+            # The pass is retried (run()): the wake it owes goes with it.
+            self._delay_heard = self._delay_heard or heard
+            raise
         self._next_fires = upcoming
         if heard or (self._release is not None and self._release != release):
             # The end we knew of passed (by our clock or only by the
